@@ -1,0 +1,1 @@
+"""Shared internals of the FoRA toolkit: data, templates, model loading, training glue, generation, metrics."""
