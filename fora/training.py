@@ -1,0 +1,130 @@
+"""Trainer glue: padding collator, supervised-position loss, loss curve, and run results."""
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer, TrainerCallback
+
+from fora.data import IGNORE_INDEX
+
+LOSS_CHUNK = 2048  # supervised positions per output-layer chunk
+
+
+class PaddingCollator:
+    """Right-pads a batch; padding gets attention_mask 0 and label -100, so an EOS label equal to pad survives."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = longest - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the positions whose label is trained, and their count.
+
+    `states` are the final hidden states (then `head` is the output layer) or the logits (`head`
+    is None). Only supervised positions go through the head, in checkpointed chunks, so the
+    batch × length × vocabulary logits are never built and each chunk's logits are freed after use.
+    """
+    targets = labels[:, 1:]
+    positions = targets.ne(IGNORE_INDEX)
+    selected = states[:, :-1][positions]
+    selected_targets = targets[positions]
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, selected.shape[0], LOSS_CHUNK):
+        chunk, chunk_targets = selected[start : start + LOSS_CHUNK], selected_targets[start : start + LOSS_CHUNK]
+        if head is None:
+            total = total + F.cross_entropy(chunk.float(), chunk_targets, reduction="sum")
+        else:
+            total = total + checkpoint(_head_loss, chunk, chunk_targets, head, use_reentrant=False)
+    return total, positions.sum()
+
+
+def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class SupervisedTrainer(Trainer):
+    """HF Trainer whose loss applies the output layer only where a label is trained.
+
+    Models whose forward takes `logits_to_keep` (every transformers-native causal LM) return the
+    final hidden states and one position of logits; the output layer then runs on the supervised
+    positions only. Remote-code models without it get their full logits reduced the same way.
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Let the Trainer count supervised tokens over the accumulated batch (and across ranks).
+        self.model_accepts_loss_kwargs = True
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.head_on_selected = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if self.head_on_selected:
+            outputs = model(**model_inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            loss_sum, count = supervised_loss_sum(outputs.hidden_states[-1], labels, head)
+        else:
+            outputs = model(**model_inputs, use_cache=False)
+            loss_sum, count = supervised_loss_sum(outputs.logits, labels, None)
+        if num_items_in_batch is None:  # evaluation: mean over this batch
+            loss = loss_sum / count.clamp(min=1)
+        else:
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # ranks' gradients are averaged; undo that for a token mean
+        return (loss, outputs) if return_outputs else loss
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes OUTPUT_DIR/training_loss.png (train and eval loss per step) whenever the Trainer saves and at the end."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, Path(args.output_dir) / "training_loss.png")
+
+    on_train_end = on_save
+
+
+def plot_loss(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axes.plot(*zip(*points), style, label=key.replace("_", " "))
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")

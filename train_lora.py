@@ -1,0 +1,144 @@
+"""Fine-tune a causal LM with LoRA, FoRA or in full, single process or under deepspeed/torchrun.
+
+    python train_lora.py --train_file data/train.json --output_dir output/demo --lora_rank 8
+    deepspeed --num_gpus 2 train_lora.py ... --deepspeed ds_config.json
+    python train_lora.py args.yaml
+
+Every flag is documented in config.py (or `python train_lora.py --help`).
+"""
+
+import sys
+from pathlib import Path
+
+from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args, resolve_precision
+from fora.errors import UserError
+
+PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.json", "config.json", "checkpoint-*")
+
+
+def main(argv: list[str] | None = None, default_quantization_bit: int | None = None) -> None:
+    model_args, data_args, finetuning_args, training_args = parse_args(
+        (ModelArguments, DataArguments, FinetuningArguments, TrainArguments), argv
+    )
+    if model_args.quantization_bit is None:
+        model_args.quantization_bit = default_quantization_bit
+    dtype = resolve_precision(model_args, training_args)
+
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from fora import data, modeling
+    from fora.templates import get_template
+    from fora.training import LossPlotCallback, PaddingCollator, SupervisedTrainer, plot_loss, write_json
+
+    training_args.device  # joins the launcher's process group now, so ranks know who they are
+    is_main = training_args.process_index == 0
+    log = print if is_main else (lambda *_: None)
+    output_dir = Path(training_args.output_dir)
+
+    # 1. Where to write, and where to resume from.
+    resume = training_args.resume_from_checkpoint
+    if resume in ("auto", "True", "true"):
+        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if resume is None:
+            log(f"--resume_from_checkpoint: no checkpoint in {output_dir} yet; starting from the beginning")
+    elif resume and not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    previous = [m for m in PREVIOUS_RUN_MARKERS if any(output_dir.glob(m))] if output_dir.is_dir() else []
+    if previous and not (training_args.overwrite_output_dir or resume):
+        raise UserError(
+            f"--output_dir {output_dir} holds a previous run ({previous[0]}); "
+            "pass --overwrite_output_dir to replace it or --resume_from_checkpoint auto to continue it"
+        )
+
+    # 2. Tokenizer, prompt template, data.
+    if not data_args.train_file:
+        raise UserError("--train_file (or --dataset_dir with --dataset) is required")
+    model_path = modeling.resolve_model_path(model_args.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(model_path, model_args.trust_remote_code)
+    template = get_template(tokenizer, data_args.template)
+    log(f"Prompt template: {template.name}")
+    train_dataset = data.build_dataset(data_args.train_file, tokenizer, template, data_args, training_args.main_process_first, log)
+    eval_dataset = None
+    if data_args.validation_file:
+        eval_dataset = data.build_dataset(
+            data_args.validation_file, tokenizer, template, data_args, training_args.main_process_first, log
+        )
+        if training_args.eval_strategy == "no":
+            training_args.eval_strategy = "steps"
+            training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
+    log(f"Training records: {len(train_dataset)}" + (f", validation records: {len(eval_dataset)}" if eval_dataset else ""))
+
+    # 3. Model and adapter, seeded so the same flags give the same adapter.
+    model = modeling.load_model(model_path, dtype, model_args.trust_remote_code, model_args.quantization_bit)
+    if model_args.quantization_bit:
+        log(f"Base model loaded in {model_args.quantization_bit}-bit "
+            f"({'NF4, double quantization' if model_args.quantization_bit == 4 else 'LLM.int8'}), compute dtype {dtype}")
+    set_seed(training_args.seed)
+    model = modeling.attach_adapter(model, finetuning_args, training_args.gradient_checkpointing)
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    trainable, total = modeling.count_parameters(model)
+    log(f"Fine-tuning: {finetuning_args.finetuning_type}; trainable parameters: {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.4f}%)")
+
+    # 4. Train.
+    training_args.remove_unused_columns = False  # the collator picks its columns; `length` feeds length grouping
+    training_args.include_num_input_tokens_seen = "non_padding"
+    trainer = SupervisedTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
+        processing_class=tokenizer,
+        callbacks=[LossPlotCallback()],
+    )
+    result = trainer.train(resume_from_checkpoint=resume or None)
+
+    # 5. Save the adapter (or model), what training decided, and the results.
+    trainer.save_model(str(output_dir))
+    if is_main:
+        modeling.write_run_info(
+            str(output_dir),
+            {
+                "base_model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+                "finetuning_type": finetuning_args.finetuning_type,
+                "torch_dtype": model_args.torch_dtype,
+                "quantization_bit": model_args.quantization_bit,
+                "trust_remote_code": model_args.trust_remote_code,
+                "template": template.name,
+                "data_format": data_args.data_format,
+                "prompt_column": data_args.prompt_column,
+                "response_column": data_args.response_column,
+                "max_source_length": data_args.max_source_length,
+                "max_target_length": data_args.max_target_length,
+            },
+        )
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results = {
+            **result.metrics,
+            "global_step": result.global_step,
+            "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "final_loss": losses[-1] if losses else result.training_loss,
+        }
+        write_json(output_dir / "train_results.json", results)
+        plot_loss(trainer.state.log_history, output_dir / "training_loss.png")
+        log(f"Adapter saved to {output_dir}" if finetuning_args.finetuning_type != "full" else f"Model saved to {output_dir}")
+        log(f"Loss curve: {output_dir / 'training_loss.png'}; TensorBoard logs: {training_args.logging_dir}")
+
+
+def run(default_quantization_bit: int | None = None) -> None:
+    """Entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
+    try:
+        main(default_quantization_bit=default_quantization_bit)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
