@@ -209,6 +209,8 @@ class FinetuningArguments:
             values = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise UserError(f"--lora_config {path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--lora_config {path}: expected a JSON object of lora_r, lora_alpha, ...")
         known = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save"}
         unknown = set(values) - known
         if unknown:
@@ -323,6 +325,8 @@ def _file_as_flags(path: str) -> list[str]:
         raise UserError(f"{path}: expected a mapping of argument names to values")
     flags = []
     for name, value in values.items():
+        if value is None:  # `name: null` (or an empty YAML value) leaves the default
+            continue
         if isinstance(value, (dict, list)) and name != "report_to":
             value = json.dumps(value) if isinstance(value, dict) else ",".join(map(str, value))
         flags += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]

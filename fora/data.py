@@ -25,7 +25,7 @@ from fora.templates import Turn
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt")
-CACHE_VERSION = "1"  # bump when encoding changes so old caches are not reused
+CACHE_VERSION = "2"  # bump when encoding changes so old caches are not reused
 
 
 @dataclass
@@ -59,21 +59,26 @@ def read_records(path: str) -> list[Record]:
         ) from None
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
-    stripped = text.lstrip()
-    if stripped[0] in "[{":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as error:
-            if error.msg != "Extra data":  # "Extra data" = JSON Lines, parsed below
-                raise UserError(f"{path}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
-        else:
-            if isinstance(whole, list):
-                if not whole:
-                    raise UserError(f"{path}: the JSON array is empty")
-                return [Record(f"{path}: record {i}", value) for i, value in enumerate(whole, 1)]
+    first_line = text.lstrip().split("\n", 1)[0].rstrip()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as error:
+        # JSON Lines when the first value ended on its line ("Extra data" follows) or when a record
+        # starts on the first line; otherwise a JSON document (array, or object over several lines).
+        json_lines = error.msg == "Extra data" and "\n" not in text[: error.pos].strip()
+        json_lines = json_lines or (first_line.startswith("{") and first_line != "{")
+        if not json_lines:
+            raise UserError(f"{path}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
+    else:
+        if isinstance(whole, list):
+            if not whole:
+                raise UserError(f"{path}: the JSON array is empty")
+            return [Record(f"{path}: record {i}", value) for i, value in enumerate(whole, 1)]
+        if "\n" in text.strip():  # one value over several lines; a one-line value is JSON Lines, below
             return [Record(f"{path}: record 1", whole)]
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only: str.splitlines() would also split at U+2028 and other breaks inside strings.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -144,21 +149,24 @@ def load_conversations(
     (the model learns to answer with EOS alone, as extraction data with nothing to extract needs),
     "skip" drops the record, "error" stops. Returns the conversations and how many had an empty reply.
     """
-    conversations = _convert(read_records(path), path, data_format, prompt_column, response_column, require_response)
+    conversations = _convert(
+        read_records(path), path, data_format, prompt_column, response_column, require_response,
+        reject_empty=empty_response == "error",
+    )
     empty = [c for c in conversations if any(a is not None and not a.strip() for _, a in c.turns)]
-    if empty and empty_response == "error":
-        raise UserError(f"{empty[0].where}: the response is empty (pass --empty_response train or skip to accept such records)")
     if empty_response == "skip":
         skipped = {id(c) for c in empty}
         conversations = [c for c in conversations if id(c) not in skipped]
     return conversations, len(empty)
 
 
-def _convert(records, path, data_format, prompt_column, response_column, require_response) -> list[Conversation]:
-    data_format = detect_format(records, path, data_format, prompt_column, response_column)
+def _convert(
+    records, path, data_format, prompt_column, response_column, require_response, reject_empty
+) -> list[Conversation]:
     for record in records:
         if not isinstance(record.value, dict):
             raise UserError(f"{record.where}: the record is a {_json_type(record.value)}, expected an object")
+    data_format = detect_format(records, path, data_format, prompt_column, response_column)
     if data_format in ("alpaca", "promptcblue", "columns"):
         columns = columns_for(data_format, prompt_column, response_column)
         for flag, column in (("--prompt_column", prompt_column), ("--response_column", response_column)):
@@ -166,18 +174,18 @@ def _convert(records, path, data_format, prompt_column, response_column, require
                 raise UserError(f"{path}: column {column!r} given by {flag} is in no record")
         if not any(columns.response in r.value for r in records) and require_response:
             raise UserError(f"{path}: no record has the response field {columns.response!r}")
-        return [_from_columns(r, columns, require_response) for r in records]
+        return [_from_columns(r, columns, require_response, reject_empty) for r in records]
     convert = _from_xtuner if data_format == "xtuner" else _from_sharegpt
-    return [convert(r, require_response) for r in records]
+    return [convert(r, require_response, reject_empty) for r in records]
 
 
-def _from_columns(record: Record, columns: Columns, require_response: bool) -> Conversation:
+def _from_columns(record: Record, columns: Columns, require_response: bool, reject_empty: bool) -> Conversation:
     value = record.value
     instruction = _text(record, columns.instruction) if columns.instruction else ""
     query = _text(record, columns.prompt)
     user = "\n".join(part for part in (instruction, query) if part)
     if not user.strip():
-        raise UserError(f"{record.where}: field {columns.prompt!r} is empty (and there is no instruction)")
+        raise UserError(f"{record.where}: field {columns.prompt!r} is missing or empty (and there is no instruction)")
     history = []
     if columns.history and value.get(columns.history):
         pairs = value[columns.history]
@@ -186,12 +194,14 @@ def _from_columns(record: Record, columns: Columns, require_response: bool) -> C
         ):
             raise UserError(f"{record.where}: field {columns.history!r} must be a list of [user, assistant] string pairs")
         history = [tuple(p) for p in pairs]
+        for i, (_, assistant) in enumerate(history):
+            _response(record, f"{columns.history}[{i}][1]", assistant, True, reject_empty)
     system = _text(record, columns.system) if columns.system else ""
-    response = _response(record, columns.response, value.get(columns.response), require_response)
+    response = _response(record, columns.response, value.get(columns.response), require_response, reject_empty)
     return Conversation(record.where, system or None, history + [(user, response)])
 
 
-def _from_xtuner(record: Record, require_response: bool) -> Conversation:
+def _from_xtuner(record: Record, require_response: bool, reject_empty: bool) -> Conversation:
     turns_value = record.value.get("conversation")
     if not isinstance(turns_value, list) or not turns_value:
         raise UserError(f"{record.where}: field 'conversation' must be a non-empty list of {{input, output}} objects")
@@ -204,12 +214,12 @@ def _from_xtuner(record: Record, require_response: bool) -> Conversation:
             system = _check_str(record, f"{field}.system", turn["system"])
         user = _check_str(record, f"{field}.input", turn.get("input"))
         last = i == len(turns_value) - 1
-        assistant = _response(record, f"{field}.output", turn.get("output"), require_response or not last)
+        assistant = _response(record, f"{field}.output", turn.get("output"), require_response or not last, reject_empty)
         turns.append((user, assistant))
     return Conversation(record.where, system, turns)
 
 
-def _from_sharegpt(record: Record, require_response: bool) -> Conversation:
+def _from_sharegpt(record: Record, require_response: bool, reject_empty: bool) -> Conversation:
     messages = record.value.get("conversations")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{record.where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
@@ -228,7 +238,7 @@ def _from_sharegpt(record: Record, require_response: bool) -> Conversation:
         elif role == "user" and user is None:
             user = value
         elif role == "assistant" and user is not None:
-            turns.append((user, _response(record, f"{field}.value", value, True)))
+            turns.append((user, _response(record, f"{field}.value", value, True, reject_empty)))
             user = None
         else:
             raise UserError(
@@ -257,11 +267,19 @@ def _check_str(record: Record, field: str, value) -> str:
     return value
 
 
-def _response(record: Record, field: str, value, required: bool) -> str | None:
-    """A reply: missing or null is an error in training and "no reference" in prediction."""
+def _response(record: Record, field: str, value, required: bool, reject_empty: bool) -> str | None:
+    """A reply: missing or null is an error in training and "no reference" in prediction.
+
+    Empty text is a valid reply unless `reject_empty` (--empty_response error).
+    """
     if value is None and not required:
         return None
-    return _check_str(record, field, value)
+    value = _check_str(record, field, value)
+    if reject_empty and not value.strip():
+        raise UserError(
+            f"{record.where}: field {field!r} is empty (pass --empty_response train or skip to accept such records)"
+        )
+    return value
 
 
 def _json_type(value) -> str:
@@ -304,43 +322,53 @@ def build_dataset(path: str, tokenizer, template, data_args, main_process_first,
 
     key = _cache_key(path, tokenizer, template, data_args)
     cache = Path(data_args.cache_dir or Path(path).parent / ".fora_cache") / f"{Path(path).stem}-{key}"
+    # Under a launcher only the first local rank rebuilds; the others then load what it wrote.
+    rebuild = data_args.overwrite_cache and os.environ.get("LOCAL_RANK", "0") == "0"
     with main_process_first(desc=f"tokenizing {path}"):
-        if cache.is_dir() and not data_args.overwrite_cache:
+        if cache.is_dir() and not rebuild:
             log(f"Reusing tokenized {path} from {cache}")
-            return datasets.load_from_disk(str(cache))
-        conversations, empty = load_conversations(
-            path, data_args.data_format, data_args.prompt_column, data_args.response_column,
-            empty_response=data_args.empty_response,
+        else:
+            _tokenize_to(cache, path, tokenizer, template, data_args, log)
+        dataset = datasets.load_from_disk(str(cache))
+    cut = sum(dataset["truncated"])
+    if cut:
+        log(
+            f"{path}: {cut} of {len(dataset)} records were cut to --max_source_length "
+            f"{data_args.max_source_length} / --max_target_length {data_args.max_target_length} (kept, shortened)"
         )
-        if empty:
-            action = "left out" if data_args.empty_response == "skip" else "trained to answer with EOS alone"
-            log(f"{path}: {empty} records have an empty response: {action} (--empty_response)")
-        rows = [{"system": c.system, "turns": [list(t) for t in c.turns]} for c in conversations]
-        dataset = datasets.Dataset.from_list(rows).map(
-            tokenize_conversation,
-            fn_kwargs=dict(
-                tokenizer=tokenizer,
-                template=template,
-                max_source_length=data_args.max_source_length,
-                max_target_length=data_args.max_target_length,
-            ),
-            remove_columns=["system", "turns"],
-            num_proc=data_args.preprocessing_num_workers if len(rows) >= 64 else None,
-            desc=f"Tokenizing {Path(path).name}",
-        )
-        cut = sum(dataset["truncated"])
-        if cut:
-            log(
-                f"{path}: {cut} of {len(dataset)} records were cut to --max_source_length "
-                f"{data_args.max_source_length} / --max_target_length {data_args.max_target_length} (kept, shortened)"
-            )
-        dataset = dataset.remove_columns("truncated")
-        # Write to a temporary folder and rename, so an interrupted run never leaves half a cache.
-        partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        dataset.save_to_disk(str(partial))
-        shutil.rmtree(cache, ignore_errors=True)
-        partial.rename(cache)
-        return datasets.load_from_disk(str(cache))
+    return dataset.remove_columns("truncated")
+
+
+def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) -> None:
+    import datasets
+
+    conversations, empty = load_conversations(
+        path, data_args.data_format, data_args.prompt_column, data_args.response_column,
+        empty_response=data_args.empty_response,
+    )
+    if empty:
+        action = "left out" if data_args.empty_response == "skip" else "trained to answer with EOS alone"
+        log(f"{path}: {empty} records have an empty response: {action} (--empty_response)")
+    if not conversations:
+        raise UserError(f"{path}: no records left to train on (all {empty} have an empty response; --empty_response skip)")
+    rows = [{"system": c.system, "turns": [list(t) for t in c.turns]} for c in conversations]
+    dataset = datasets.Dataset.from_list(rows).map(
+        tokenize_conversation,
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            template=template,
+            max_source_length=data_args.max_source_length,
+            max_target_length=data_args.max_target_length,
+        ),
+        remove_columns=["system", "turns"],
+        num_proc=data_args.preprocessing_num_workers if len(rows) >= 64 else None,
+        desc=f"Tokenizing {Path(path).name}",
+    )
+    # Write to a temporary folder and rename, so an interrupted run never leaves half a cache.
+    partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    dataset.save_to_disk(str(partial))
+    shutil.rmtree(cache, ignore_errors=True)
+    partial.rename(cache)
 
 
 def _cache_key(path: str, tokenizer, template, data_args) -> str:

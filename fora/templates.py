@@ -20,8 +20,9 @@ Turn = tuple[str, str | None]  # (user, assistant); assistant is None for the tu
 @dataclass(frozen=True)
 class NamedTemplate:
     name: str
-    user: str  # one user message, ending with the assistant header; "{content}" is replaced
+    user: str  # one user message, ending with the assistant header; "{content}" and "{index}" (1, 2, ...) are replaced
     system: str = "{content}"  # how a system text is written before the first turn
+    system_in_user: bool = False  # the system text goes inside the first user message (Llama 2)
     default_system: str = ""
     separator: str = ""  # between an assistant reply and the next user message (masked)
     stop: str | None = None  # text that ends a reply; None = the tokenizer's EOS token
@@ -31,8 +32,12 @@ class NamedTemplate:
         stop_ids = _stop_ids(tokenizer, self.stop)
         segments = []
         for index, (user, assistant) in enumerate(turns):
-            prompt = self.system.format(content=system) if index == 0 and system else ""
-            prompt = (self.separator if index else "") + prompt + self.user.format(content=user)
+            system_text = self.system.format(content=system) if index == 0 and system else ""
+            if self.system_in_user:
+                prompt = self.user.format(content=system_text + user, index=index + 1)
+            else:
+                prompt = system_text + self.user.format(content=user, index=index + 1)
+            prompt = (self.separator if index else "") + prompt
             # The tokenizer's own special prefix (BOS, ChatGLM's [gMASK]sop) goes on the first segment only.
             prompt_ids = tokenizer.encode(prompt, add_special_tokens=index == 0)
             response_ids = [] if assistant is None else tokenizer.encode(assistant, add_special_tokens=False) + stop_ids
@@ -54,6 +59,11 @@ class ChatTemplate:
         for user, assistant in turns:
             messages.append({"role": "user", "content": user})
             with_header = self._render(tokenizer, messages, add_generation_prompt=True)
+            if not with_header.startswith(rendered):
+                raise UserError(
+                    "the tokenizer's chat template renders earlier turns differently once a turn is added; "
+                    "pass --template NAME to use a fixed format"
+                )
             prompt = with_header[len(rendered):]
             response = ""
             if assistant is not None:
@@ -90,7 +100,7 @@ def _stop_ids(tokenizer, stop: str | None) -> list[int]:
 NAMED_TEMPLATES = {
     t.name: t
     for t in [
-        NamedTemplate("default", user="Human: {content}\n\nAssistant: ", separator="\n\n"),
+        NamedTemplate("default", user="Human: {content}\n\nAssistant: ", system="{content}\n\n", separator="\n\n"),
         NamedTemplate("empty", user="{content}"),
         NamedTemplate(
             "alpaca",
@@ -122,7 +132,9 @@ NAMED_TEMPLATES = {
             separator="\n",
             stop="<|im_end|>",
         ),
-        NamedTemplate("llama2", user="[INST] {content} [/INST]", system="<<SYS>>\n{content}\n<</SYS>>\n\n"),
+        NamedTemplate(
+            "llama2", user="[INST] {content} [/INST]", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_user=True
+        ),
         NamedTemplate(
             "llama3",
             user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
@@ -131,7 +143,7 @@ NAMED_TEMPLATES = {
             stop="<|eot_id|>",
         ),
         NamedTemplate("baichuan2", user="<reserved_106>{content}<reserved_107>"),
-        NamedTemplate("chatglm2", user="[Round 1]\n\n问：{content}\n\n答：", separator="\n\n"),
+        NamedTemplate("chatglm2", user="[Round {index}]\n\n问：{content}\n\n答：", separator="\n\n"),
         NamedTemplate("chatglm3", user="<|user|>\n {content}<|assistant|>", system="<|system|>\n {content}"),
         NamedTemplate(
             "internlm2",

@@ -1,0 +1,186 @@
+"""Prompt templates: which one applies, the literal text each renders, and which part is trained."""
+
+import pytest
+
+from fora.errors import UserError
+from fora.modeling import load_tokenizer
+from fora.templates import NAMED_TEMPLATES, ChatTemplate, get_template
+
+TURNS = [("Hi", "Hello"), ("And?", "Bye")]
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tiny_model_plain):
+    """SmolLM2's tokenizer without a chat template (eos = pad = <|im_end|>)."""
+    return load_tokenizer(str(tiny_model_plain))
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def rendered(tokenizer, template, system, turns) -> str:
+    """The whole conversation as text, prompts and replies concatenated."""
+    return "".join(decode(tokenizer, p) + decode(tokenizer, r) for p, r in template.encode(tokenizer, system, turns))
+
+
+# --- which template applies ------------------------------------------------------------------
+
+
+def test_tokenizer_chat_template_is_used_when_there_is_one(tokenizer):
+    assert isinstance(get_template(tokenizer, None), ChatTemplate)
+    assert isinstance(get_template(tokenizer, "auto"), ChatTemplate)
+
+
+def test_default_template_without_a_chat_template(plain_tokenizer):
+    assert plain_tokenizer.chat_template is None
+    assert get_template(plain_tokenizer, None) is NAMED_TEMPLATES["default"]
+
+
+def test_named_template_wins_over_the_chat_template(tokenizer):
+    assert get_template(tokenizer, "chatml") is NAMED_TEMPLATES["chatml"]
+
+
+def test_unknown_template_name_is_a_user_error(tokenizer):
+    with pytest.raises(UserError, match=r"^--template 'nope' is unknown; choose one of: .*chatml.*llama3") as error:
+        get_template(tokenizer, "nope")
+    assert "\n" not in str(error.value)
+
+
+def test_chat_template_requested_but_tokenizer_has_none(plain_tokenizer):
+    with pytest.raises(UserError, match="^--template chat_template: this tokenizer has no chat template"):
+        get_template(plain_tokenizer, "chat_template")
+
+
+# --- named templates: literal text ---------------------------------------------------------------
+
+
+def test_default_renders_human_assistant(plain_tokenizer):
+    assert rendered(plain_tokenizer, NAMED_TEMPLATES["default"], None, TURNS) == (
+        "Human: Hi\n\nAssistant: Hello<|im_end|>\n\nHuman: And?\n\nAssistant: Bye<|im_end|>"
+    )
+
+
+def test_default_writes_a_system_text_on_its_own_paragraph(plain_tokenizer):
+    assert rendered(plain_tokenizer, NAMED_TEMPLATES["default"], "Be brief.", TURNS[:1]) == (
+        "Be brief.\n\nHuman: Hi\n\nAssistant: Hello<|im_end|>"
+    )
+
+
+def test_chatml_renders_literally(plain_tokenizer):
+    assert rendered(plain_tokenizer, NAMED_TEMPLATES["chatml"], "Be brief.", TURNS) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nAnd?<|im_end|>\n<|im_start|>assistant\nBye<|im_end|>"
+    )
+
+
+def test_llama3_renders_literally(plain_tokenizer):
+    assert rendered(plain_tokenizer, NAMED_TEMPLATES["llama3"], "Be brief.", TURNS) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nBye<|eot_id|>"
+    )
+
+
+def test_llama2_puts_the_system_inside_the_first_instruction(plain_tokenizer):
+    assert rendered(plain_tokenizer, NAMED_TEMPLATES["llama2"], "Be brief.", TURNS) == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]Hello<|im_end|>[INST] And? [/INST]Bye<|im_end|>"
+    )
+
+
+def test_chatglm2_numbers_its_rounds(plain_tokenizer):
+    assert rendered(plain_tokenizer, NAMED_TEMPLATES["chatglm2"], None, TURNS) == (
+        "[Round 1]\n\n问：Hi\n\n答：Hello<|im_end|>\n\n[Round 2]\n\n问：And?\n\n答：Bye<|im_end|>"
+    )
+
+
+def test_alpaca_uses_its_default_system(plain_tokenizer):
+    text = rendered(plain_tokenizer, NAMED_TEMPLATES["alpaca"], None, TURNS[:1])
+    assert text == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nHi\n\n### Response:\nHello<|im_end|>"
+    )
+
+
+# --- named templates: the trained part -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_TEMPLATES))
+def test_only_the_reply_and_its_stop_are_trained(plain_tokenizer, name):
+    template = NAMED_TEMPLATES[name]
+    stop = template.stop or plain_tokenizer.eos_token
+    segments = template.encode(plain_tokenizer, "Sys text", [("first question", "first answer"), ("second", "end")])
+    assert [decode(plain_tokenizer, r) for _, r in segments] == ["first answer" + stop, "end" + stop]
+    prompts = [decode(plain_tokenizer, p) for p, _ in segments]
+    assert "Sys text" in prompts[0] and "first question" in prompts[0]
+    assert "second" in prompts[1] and "Sys text" not in prompts[1]
+
+
+def test_prediction_turn_has_a_prompt_and_no_reply(plain_tokenizer):
+    template = NAMED_TEMPLATES["default"]
+    (prompt, response), = template.encode(plain_tokenizer, None, [("Hi", None)])
+    assert response == []
+    assert decode(plain_tokenizer, prompt) == "Human: Hi\n\nAssistant: "
+
+
+def test_stop_token_ids(plain_tokenizer):
+    eos = plain_tokenizer.eos_token_id
+    assert NAMED_TEMPLATES["default"].stop_token_ids(plain_tokenizer) == [eos]
+    assert NAMED_TEMPLATES["chatml"].stop_token_ids(plain_tokenizer) == [eos]  # <|im_end|> is SmolLM2's EOS
+    llama3_stop = plain_tokenizer.encode("<|eot_id|>", add_special_tokens=False)
+    assert NAMED_TEMPLATES["llama3"].stop_token_ids(plain_tokenizer) == sorted({eos, *llama3_stop})
+
+
+def test_braces_in_the_text_are_kept(plain_tokenizer):
+    text = rendered(plain_tokenizer, NAMED_TEMPLATES["default"], None, [('{"a": "{content}"}', "{index}")])
+    assert text == 'Human: {"a": "{content}"}\n\nAssistant: {index}<|im_end|>'
+
+
+# --- the tokenizer's chat template -----------------------------------------------------------------
+
+
+def test_chat_template_matches_apply_chat_template(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}]
+    for user, assistant in TURNS:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    reference = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert reference.endswith("<|im_end|>\n")
+    # The newline after the last end token is not part of any turn.
+    assert rendered(tokenizer, ChatTemplate(), "Be brief.", TURNS) == reference[:-1]
+
+
+def test_chat_template_splits_prompts_and_replies(tokenizer):
+    segments = ChatTemplate().encode(tokenizer, None, TURNS)
+    prompts = [decode(tokenizer, p) for p, _ in segments]
+    replies = [decode(tokenizer, r) for _, r in segments]
+    assert replies == ["Hello<|im_end|>", "Bye<|im_end|>"]
+    # No system given: SmolLM2's template writes its own.
+    assert prompts[0] == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompts[1] == "\n<|im_start|>user\nAnd?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_empty_reply_trains_the_end_token_alone(tokenizer):
+    (_, response), = ChatTemplate().encode(tokenizer, None, [("Anything?", "")])
+    assert response == [tokenizer.eos_token_id]
+
+
+def test_chat_template_prediction_turn(tokenizer):
+    (prompt, response), = ChatTemplate().encode(tokenizer, "S", [("Hi", None)])
+    assert response == []
+    assert decode(tokenizer, prompt).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_refused(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))  # a fresh copy: the session fixture stays untouched
+    tokenizer.chat_template = (
+        "turns: {{ messages | length }}\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    with pytest.raises(UserError, match="pass --template NAME"):
+        ChatTemplate().encode(tokenizer, None, [("Hi", "Hello"), ("And?", "Bye")])
+
