@@ -1,0 +1,182 @@
+"""The training command lines users run, through the real launchers, on a tiny model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, SHARED_DATA, run_script, write_jsonl
+
+PYTHON = shutil.which("python") or "python"
+
+
+def train(tmp_path, model, *extra, output="out"):
+    out = tmp_path / output
+    result = run_script(
+        PYTHON, "train_lora.py", "--model_name_or_path", str(model), "--train_file", "data/train.json",
+        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--cache_dir", str(tmp_path / "cache"), "--report_to", "none", *extra,
+    )
+    return out, result
+
+
+def adapter_weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, result = train(tmp_path, tiny_model, "--max_steps", "2", "--logging_steps", "1", "--report_to", "tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable parameters:" in result.stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "fora_run.json", "training_loss.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "runs").glob("events.out.tfevents.*")), "no TensorBoard log"
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 2 and results["trainable_parameters"] > 0 and results["num_input_tokens_seen"] > 0
+    assert "final_loss" in results and "train_samples_per_second" in results
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    before = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    after = adapted(ids).logits
+    assert not torch.allclose(before, after, atol=1e-6), "the adapter did not change the output"
+
+
+def test_same_seed_same_adapter(tmp_path, tiny_model):
+    first, r1 = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", output="a")
+    second, r2 = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", output="b")
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    a, b = adapter_weights(first), adapter_weights(second)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model):
+    whole, r1 = train(tmp_path, tiny_model, "--max_steps", "4", "--save_steps", "2", output="whole")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    _, r2 = train(tmp_path, tiny_model, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "auto", output="resumed")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads((resumed / "train_results.json").read_text())["global_step"] == 4
+    a, b = adapter_weights(whole), adapter_weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_refuses_to_overwrite_a_previous_run(tmp_path, tiny_model):
+    out, first = train(tmp_path, tiny_model, "--max_steps", "1", "--save_strategy", "no")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (out / "adapter_model.safetensors").read_bytes()
+    _, again = train(tmp_path, tiny_model, "--max_steps", "1", "--save_strategy", "no")
+    assert again.returncode == 2
+    assert "--overwrite_output_dir" in again.stderr and "Traceback" not in again.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_yaml_file_is_the_whole_argument_set(tmp_path, tiny_model):
+    args = tmp_path / "args.yaml"
+    args.write_text(
+        f"model_name_or_path: {tiny_model}\ntrain_file: data/train.json\noutput_dir: {tmp_path / 'yaml_out'}\n"
+        f"max_steps: 1\nper_device_train_batch_size: 2\nlora_rank: 3\nlora_target: [q_proj, v_proj]\n"
+        f"report_to: none\nsave_strategy: 'no'\ncache_dir: {tmp_path / 'cache'}\n",
+        encoding="utf-8",
+    )
+    result = run_script(PYTHON, "train_lora.py", str(args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "yaml_out" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_full_finetuning_with_use_lora_false(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    out, result = train(tmp_path, tiny_model, "--max_steps", "1", "--use_lora", "False", "--save_strategy", "no")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "adapter_config.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert len(changed) > 10, "full fine-tuning should change the weights of every layer"
+    assert json.loads((out / "fora_run.json").read_text())["finetuning_type"] == "full"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora_rank", "0"], "--lora_rank"),
+        (["--max_source_length", "0"], "--max_source_length"),
+        (["--learning_rate", "-1"], "--learning_rate"),
+        (["--finetuning_type", "dora"], "--finetuning_type"),
+        (["--template", "nope"], "--template"),
+        (["--prompt_column", "question"], "question"),
+        (["--lora_target", "nonexistent_proj"], "nonexistent_proj"),
+    ],
+)
+def test_bad_flags_give_one_line(tmp_path, tiny_model, flags, message):
+    _, result = train(tmp_path, tiny_model, "--max_steps", "1", *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model):
+    """The seed's deepspeed command as written; only paths and the device selection differ."""
+    subset = tmp_path / "spo_0.json"  # the first 16 records, so four epochs end in a minute
+    subset.write_text("".join((SHARED_DATA / "spo_0.json").read_text(encoding="utf-8").splitlines(True)[:16]), encoding="utf-8")
+    out = tmp_path / "ds_out"
+    result = run_script(
+        "deepspeed", "--num_gpus", "2", "train_lora.py", "--train_file", str(subset),
+        "--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--prompt_column", "input",
+        "--response_column", "output", "--cache_dir", str(tmp_path / "goat_cache"), "--overwrite_cache",
+        "--overwrite_output_dir", "--max_source_length", "512", "--max_target_length", "512",
+        "--num_train_epochs", "4", "--gradient_accumulation_steps", "4", "--per_device_train_batch_size", "1",
+        "--warmup_ratio", "0.1", "--lr_scheduler_type", "cosine", "--save_total_limit", "1",
+        "--learning_rate", "2e-5", "--logging_steps", "50", "--save_steps", "500", "--lora_rank", "2",
+        "--fp16", "--torch_dtype", "float16", "--preprocessing_num_workers", "2", "--deepspeed", "ds_config.json",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "world_size=2" in log.replace("dist_world_size=2", "world_size=2")
+    assert "--fp16 and --torch_dtype float16 ->" in log  # the one CPU fallback line
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 8  # 16 records x 4 epochs / (1 x 4 accumulation x 2 processes)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    assert len(list(out.glob("checkpoint-*"))) == 1  # --save_total_limit 1
+
+
+def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
+    """The seed's torchrun command; paths and --nproc_per_node differ, and --max_steps 10000 becomes 12."""
+    data = tmp_path / "DATA"
+    data.mkdir()
+    records = [json.loads(line) for line in (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines()]
+    promptcblue = [{"input": r["instruction"] + r["input"], "target": r["output"], "type": "extraction", "sample_id": i}
+                   for i, r in enumerate(records)]
+    write_jsonl(data / "train.json", promptcblue[:200])
+    write_jsonl(data / "dev.json", promptcblue[200:216])
+    lora_config = tmp_path / "lora_config_tiny.json"
+    lora_config.write_text(json.dumps({"lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.1,
+                                       "lora_target_modules": ["q_proj", "v_proj"], "modules_to_save": None}))
+    out = tmp_path / "OUT"
+    result = run_script(
+        "torchrun", "--nproc_per_node", "2", "train_lora.py", "--model_name_or_path", str(tiny_model),
+        "--use_lora", "True", "--train_file", str(data / "train.json"), "--validation_file", str(data / "dev.json"),
+        "--cache_dir", str(data), "--prompt_column", "input", "--response_column", "target",
+        "--output_dir", str(out), "--overwrite_output_dir", "--max_source_length", "512",
+        "--max_target_length", "64", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+        "--gradient_accumulation_steps", "16", "--max_steps", "12", "--logging_steps", "10", "--save_steps", "300",
+        "--learning_rate", "2e-4", "--lora_config", str(lora_config),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((out / "train_results.json").read_text())
+    assert state["global_step"] == 12
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert "eval_loss" in (result.stdout + result.stderr)
