@@ -331,3 +331,257 @@ def _file_as_flags(path: str) -> list[str]:
             value = json.dumps(value) if isinstance(value, dict) else ",".join(map(str, value))
         flags += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     return flags
+
+
+MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MERGE_TARGETS = ("dequantized", "original")
+
+
+@dataclass
+class MergeArguments:
+    """Flags of merge_lora.py: fold a LoRA/FoRA adapter into its base and save a standalone model."""
+
+    adapter: str = field(
+        metadata={"help": "Adapter folder written by train_lora.py / train_qlora.py (adapter_config.json + weights)."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Folder for the merged model (safetensors shards + tokenizer), loadable by plain transformers."}
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model folder the adapter was trained on. Default: base_model in the adapter's fora_run.json."},
+    )
+    max_shard_size: str = field(
+        default="2GB", metadata={"help": "Largest safetensors shard, e.g. 2GB, 500MB; larger models get an index file."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": f"dtype of the saved weights, one of {', '.join(MERGE_DTYPES)}. The merge itself is done in "
+            "float32. 'auto' = the dtype the base checkpoint is stored in (float32 if it does not say)."
+        },
+    )
+    merge_into: str = field(
+        default="dequantized",
+        metadata={
+            "help": "Only for adapters trained on a 4/8-bit base (quantization_bit in fora_run.json). dequantized "
+            "(default): quantize the base as training did, dequantize, add the adapter in full precision - the "
+            "weights the adapter was trained against, so the merged model behaves like base+adapter did in "
+            "training. original: add it to the 16/32-bit base weights instead - a higher-fidelity base, but "
+            "not the one the adapter learned to correct (a small mismatch of the size of the quantization error)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already in --output_dir (only once the new one is complete)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the base model's own Python code (also on when recorded at training)."}
+    )
+
+    def __post_init__(self):
+        if self.dtype not in MERGE_DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(MERGE_DTYPES)}")
+        if self.merge_into not in MERGE_TARGETS:
+            raise UserError(f"--merge_into {self.merge_into!r} is unknown; choose dequantized or original")
+
+
+@dataclass
+class PredictArguments:
+    """Flags of predict_fora.py. The seed's names come first; LLaMA-Factory's names are aliases of the same flag.
+
+    Lengths, as in the seed: `--max_src_len` cuts the prompt (the way training cut it), `--max_len`
+    caps prompt + generated tokens per record, `--max_new_tokens` caps generated tokens. A record
+    may generate min(max_new_tokens, max_len - its prompt length) tokens, at least 1; with neither
+    flag, the max_target_length recorded at training (else 512).
+    """
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder for generated_predictions.jsonl and predict_results.json (required; may be the "
+            "adapter folder). Files already there are kept unless --overwrite_output_dir."
+        },
+    )
+    model_dir: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--checkpoint_dir", "--adapter_name_or_path"],
+            "help": "What to evaluate: a LoRA/FoRA/QLoRA adapter folder (its base is loaded as it was trained, "
+            "from fora_run.json, 4-bit included), a merged or fully fine-tuned model folder (config.json + "
+            "weights), or unset to score the base model itself. --checkpoint_dir is the same flag.",
+        },
+    )
+    ori_model_dir: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--model_name_or_path"],
+            "help": "Base model folder under an adapter; overrides the base recorded in fora_run.json. Without "
+            "--model_dir this is the model scored. Default: the recorded base, else the embedded "
+            "SmolLM2-135M-Instruct.",
+        },
+    )
+    test_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--test_file"],
+            "help": "Test data, JSON array or JSON Lines, in any format training reads. A record without a "
+            "reference gets a prediction but no score.",
+        },
+    )
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with a dataset_info.json registry (LLaMA-Factory style), used with --dataset."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Name of the test set in DATASET_DIR/dataset_info.json (instead of --test_path)."},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "auto, alpaca, promptcblue, columns, xtuner or sharegpt, as in training."},
+    )
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Field holding the user's text (default: as recorded at training, else per format)."}
+    )
+    response_column: str | None = field(
+        default=None, metadata={"help": "Field holding the reference (default: as recorded at training, else per format)."}
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N records of the test data (for a quick check)."}
+    )
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt format (see train_lora.py --help). Default: the template recorded in fora_run.json, "
+            "else chosen from the tokenizer as training does."
+        },
+    )
+    max_src_len: int | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--max_source_length"],
+            "help": "Prompt tokens kept per turn, cut exactly as training cuts them. Default: the training "
+            "--max_source_length recorded in fora_run.json, else 512.",
+        },
+    )
+    max_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most tokens per record, prompt + generated (the seed's meaning): a record generates at most "
+            "max_len minus its prompt length, at least 1. Unset: no total limit."
+        },
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most tokens generated per record. Unset: limited by --max_len if given, else the training "
+            "--max_target_length recorded in fora_run.json, else 512."
+        },
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={
+            "aliases": ["--per_device_eval_batch_size"],
+            "help": "Prompts generated together (left-padded, grouped by length). Greedy output does not depend on it.",
+        },
+    )
+    do_sample: bool = field(
+        default=False, metadata={"help": "Sample with --temperature/--top_p; off = greedy (or beam search)."}
+    )
+    num_beams: int = field(default=1, metadata={"help": "Beam search width; 1 = no beam search."})
+    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=0.7, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    seed: int = field(default=42, metadata={"help": "Random seed, for --do_sample."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": f"dtype to run in, one of {', '.join(DTYPES)}. 'auto' = the dtype recorded at training, else "
+            "float32. Without CUDA, half precision becomes bfloat16 where the CPU has it natively, else float32."
+        },
+    )
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={"help": "Load the base in 4 or 8 bit. Default: as the adapter was trained (fora_run.json)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model's own Python code (also on when training recorded it)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace generated_predictions.jsonl / predict_results.json left in --output_dir by an earlier run."},
+    )
+    padding_side: str = field(
+        default="left",
+        metadata={
+            "help": "Accepted for LLaMA-Factory command lines. Generation always pads on the left; 'right' "
+            "(a training setting) is ignored here with a note."
+        },
+    )
+    do_eval: bool = field(
+        default=False,
+        metadata={"help": "Accepted for LLaMA-Factory command lines; this script always generates and scores."},
+    )
+    do_predict: bool = field(
+        default=False,
+        metadata={"help": "Accepted for LLaMA-Factory command lines; this script always generates and scores."},
+    )
+    predict_with_generate: bool = field(
+        default=False,
+        metadata={"help": "Accepted for LLaMA-Factory command lines; this script always generates and scores."},
+    )
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise UserError("--output_dir is required (where generated_predictions.jsonl and predict_results.json go)")
+        if self.model_dir and "," in self.model_dir:
+            raise UserError(f"--model_dir {self.model_dir}: give one adapter or model folder, not a list")
+        for name in ("max_src_len", "max_len", "max_new_tokens", "max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        for name in ("batch_size", "num_beams"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.torch_dtype not in DTYPES:
+            raise UserError(f"--torch_dtype {self.torch_dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise UserError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.padding_side not in ("left", "right"):
+            raise UserError(f"--padding_side must be left or right, got {self.padding_side!r}")
+        if self.data_format not in ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt"):
+            raise UserError(f"--data_format {self.data_format!r} is unknown")
+        if self.dataset:
+            if self.test_path:
+                raise UserError("give either --test_path or --dataset, not both")
+            self.test_path, query, response = registered_dataset(self.dataset_dir, self.dataset)
+            self.prompt_column = self.prompt_column or query
+            self.response_column = self.response_column or response
+        if not self.test_path:
+            raise UserError("--test_path (or --dataset_dir with --dataset) is required")
+
+
+def registered_dataset(dataset_dir: str | None, name: str) -> tuple[str, str | None, str | None]:
+    """File path, query column and response column of dataset NAME in DATASET_DIR/dataset_info.json."""
+    registry = Path(dataset_dir or "data") / "dataset_info.json"
+    if not registry.is_file():
+        raise UserError(f"{registry}: no such file (needed by --dataset {name})")
+    try:
+        entries = json.loads(registry.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{registry}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(entries, dict) or name not in entries:
+        known = ", ".join(entries) if isinstance(entries, dict) else "nothing"
+        raise UserError(f"{registry}: no dataset named {name!r} (has: {known})")
+    entry = entries[name]
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+        raise UserError(f"{registry}: dataset {name!r} has no \"file_name\"")
+    columns = entry.get("columns") or {}
+    # LLaMA-Factory's "prompt" is the instruction, "query" the input; alpaca records join both by
+    # themselves, so "prompt" names the user's text only when there is no "query" and it is not "instruction".
+    prompt = columns.get("prompt") if columns.get("prompt") != "instruction" else None
+    return str(registry.parent / entry["file_name"]), columns.get("query") or prompt, columns.get("response")

@@ -193,3 +193,91 @@ def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
         if "size mismatch" in str(error):
             raise UserError(f"{adapter_dir}: the adapter was trained for another base model (weight shapes differ)") from None
         raise
+
+
+def load_inference_model(
+    model_dir: str | None = None,
+    base_model: str | None = None,
+    torch_dtype: str = "auto",
+    trust_remote_code: bool = False,
+    quantization_bit: int | None = None,
+    merge: bool = True,
+):
+    """Model, left-padding tokenizer and run info for generation, from whatever `model_dir` holds.
+
+    - an adapter folder (adapter_config.json; a checkpoint-N inside a run works too): its base is
+      `base_model`, else the base recorded in fora_run.json, loaded with the recorded dtype,
+      quantization and trust_remote_code; the adapter is merged in unless the base is quantized;
+    - a model folder (config.json + weights; merged or fully fine-tuned): loaded as it is;
+    - None: the base model itself (`base_model`, else the embedded default).
+    Flags given here win over the recorded values. The returned info is fora_run.json (empty if
+    none) updated with what was loaded: model_kind (adapter, model, base), base_model, torch_dtype,
+    quantization_bit.
+    """
+
+    def checked_path(name_or_path: str | None, flag: str) -> str:
+        try:
+            return resolve_model_path(name_or_path)
+        except UserError as error:  # name the flag this step was given, not training's
+            raise UserError(str(error).replace("--model_name_or_path", flag)) from None
+
+    info: dict = {}
+    kind, adapter = "base", None
+    if model_dir:
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise UserError(f"--model_dir {model_dir}: no such folder")
+        info = read_run_info(model_dir)
+        if not info and path.name.startswith("checkpoint-"):  # a Trainer checkpoint: the run's record is one up
+            info = read_run_info(str(path.parent))
+        if (path / "adapter_config.json").is_file():
+            kind, adapter = "adapter", model_dir
+        elif (path / "config.json").is_file():
+            kind = "model"
+        else:
+            raise UserError(
+                f"--model_dir {model_dir}: neither an adapter (adapter_config.json) nor a model folder (config.json)"
+            )
+    if kind == "adapter":
+        with open(path / "adapter_config.json", encoding="utf-8") as f:
+            recorded_base = info.get("base_model") or json.load(f).get("base_model_name_or_path")
+        base = base_model or recorded_base
+        if not base_model and recorded_base and not Path(recorded_base).exists() and recorded_base.count("/") != 1:
+            raise UserError(
+                f"--model_dir {model_dir}: its base model {recorded_base} (recorded at training) is not here; "
+                "pass --ori_model_dir BASE"
+            )
+        model_path = checked_path(base, "--ori_model_dir")
+    elif kind == "model":
+        model_path = checked_path(model_dir, "--model_dir")
+    else:
+        model_path = checked_path(base_model, "--ori_model_dir")
+    if quantization_bit is None and kind == "adapter":
+        quantization_bit = info.get("quantization_bit")
+    # The recorded or requested dtype; without CUDA, half precision only where the CPU does bf16 natively.
+    dtype_name = (info.get("torch_dtype") if torch_dtype == "auto" else torch_dtype) or "float32"
+    dtype_name = "float32" if dtype_name == "auto" else dtype_name
+    if not torch.cuda.is_available() and dtype_name in ("float16", "bfloat16"):
+        dtype_name = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    dtype = getattr(torch, dtype_name)
+    trust_remote_code = trust_remote_code or bool(info.get("trust_remote_code"))
+
+    has_tokenizer = adapter and any((Path(adapter) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+    tokenizer = load_tokenizer(adapter if has_tokenizer else model_path, trust_remote_code, padding_side="left")
+    model = load_model(model_path, dtype, trust_remote_code, quantization_bit)
+    if adapter:
+        model = load_adapter(model, adapter)
+        if merge and not quantization_bit:
+            model = model.merge_and_unload()  # W + dW once: same outputs up to rounding, no adapter work per token
+    if not quantization_bit and torch.cuda.is_available():
+        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    model.eval()
+    info = {
+        **info,
+        "model_kind": kind,
+        "base_model": model_path,
+        "torch_dtype": dtype_name,
+        "quantization_bit": quantization_bit,
+    }
+    return model, tokenizer, info
+

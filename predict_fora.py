@@ -1,0 +1,202 @@
+"""Generate answers for a test set and score them with ROUGE-1/2/L, BLEU-4 and exact match.
+
+    python predict_fora.py --ori_model_dir BASE --model_dir OUT --test_path spo_1.json \
+        --output_dir OUT --max_len 512 --max_src_len 512
+    python predict_fora.py --do_eval --checkpoint_dir OUT --dataset_dir data --dataset fault_triples_test \
+        --output_dir OUT --per_device_eval_batch_size 8 --predict_with_generate
+
+--model_dir is a LoRA, FoRA or QLoRA adapter (its base loads as it was trained, from fora_run.json),
+a merged or fully fine-tuned model folder, or unset to score the base model. Prompts are built
+with the training template and cut as training cuts them. Lengths follow the seed: --max_src_len
+cuts the prompt, --max_len caps prompt + answer per record, --max_new_tokens caps the answer.
+
+Writes OUTPUT_DIR/generated_predictions.jsonl ({"prompt", "predict", "label"} per record, input
+order; label null where the record has no reference) and OUTPUT_DIR/predict_results.json (scores
+over the records with a reference, counts, runtime, settings). Files an earlier run left there are
+kept unless --overwrite_output_dir. Every flag: `python predict_fora.py --help` (config.py).
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from config import PredictArguments, parse_args
+from fora.errors import UserError
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+RESULTS_FILE = "predict_results.json"
+DEFAULT_MAX_TARGET = 512  # answer length when neither the flags nor fora_run.json give one
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args((PredictArguments,), argv)
+    from transformers import set_seed
+
+    from fora import data, generate, metrics, modeling
+    from fora.templates import get_template
+
+    # 1. Where to write: never over an earlier run's files.
+    output_dir = Path(args.output_dir)
+    refuse_overwrite(output_dir, args.overwrite_output_dir)
+    if args.padding_side == "right":
+        print("note: generation pads prompts on the left; --padding_side right applies to training only")
+
+    # 2. Test data, checked before any model is loaded.
+    recorded = recorded_run_info(args.model_dir, modeling)
+    conversations, _ = data.load_conversations(
+        args.test_path,
+        args.data_format,
+        args.prompt_column or recorded.get("prompt_column"),
+        args.response_column or recorded.get("response_column"),
+        require_response=False,
+    )
+    conversations = conversations[: args.max_samples]
+    labels = [c.turns[-1][1] for c in conversations]
+
+    # 3. Model, tokenizer and template, as training left them.
+    model, tokenizer, info = modeling.load_inference_model(
+        args.model_dir, args.ori_model_dir, args.torch_dtype, args.trust_remote_code, args.quantization_bit
+    )
+    template = get_template(tokenizer, args.template or info.get("template"))
+    print(describe_model(args.model_dir, info, template.name))
+
+    # 4. Prompts, cut as in training, and each record's token budget.
+    max_src_len = args.max_src_len or info.get("max_source_length") or 512
+    max_tgt_len = info.get("max_target_length") or DEFAULT_MAX_TARGET
+    built = [generate.build_prompt(tokenizer, template, c, max_src_len, max_tgt_len) for c in conversations]
+    prompts = [ids for ids, _ in built]
+    truncated = sum(cut for _, cut in built)
+    budgets = [token_budget(len(p), args, max_tgt_len) for p in prompts]
+    print(f"Test records: {len(prompts)} from {args.test_path}"
+          + (f"; {truncated} prompts cut to --max_src_len {max_src_len}" if truncated else ""))
+    warn_short_budgets(budgets, args, max_tgt_len)
+
+    # 5. Generate.
+    set_seed(args.seed)
+    config = generate.generation_config(
+        tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p
+    )
+    started = time.perf_counter()
+    new_ids = generate.generate_ids(
+        model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, args.batch_size, config
+    )
+    runtime = time.perf_counter() - started
+    predictions = [generate.decode(tokenizer, ids) for ids in new_ids]
+
+    # 6. Score the records that have a reference.
+    scores = metrics.score_predictions(predictions, labels)
+
+    # 7. Save, then report.
+    records = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=False), "predict": pred, "label": label}
+        for p, pred, label in zip(prompts, predictions, labels)
+    ]
+    results = {
+        **scores,
+        "prompts_truncated": truncated,
+        "generated_tokens": sum(map(len, new_ids)),
+        "predict_runtime": round(runtime, 4),
+        "predict_samples_per_second": round(len(prompts) / runtime, 3) if runtime else None,
+        "test_path": args.test_path,
+        "model_dir": args.model_dir,
+        "model_kind": info["model_kind"],
+        "base_model": info["base_model"],
+        "finetuning_type": info.get("finetuning_type") if info["model_kind"] == "adapter" else None,
+        "quantization_bit": info["quantization_bit"],
+        "torch_dtype": info["torch_dtype"],
+        "template": template.name,
+        "generation": {
+            "max_src_len": max_src_len,
+            "max_len": args.max_len,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "do_sample": args.do_sample,
+            "num_beams": args.num_beams,
+            **({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.do_sample else {}),
+        },
+    }
+    refuse_overwrite(output_dir, args.overwrite_output_dir)  # in case another run wrote there meanwhile
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(output_dir / PREDICTIONS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(output_dir / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+    name = Path(args.model_dir).name if args.model_dir else "base model"
+    print(metrics.format_score_table({name: scores}))
+    unscored = scores["total"] - scores["scored"]
+    print(f"Scored {scores['scored']} of {scores['total']} records"
+          + (f" ({unscored} have no reference: predicted, not scored)" if unscored else "")
+          + f"; {len(prompts) / runtime:.2f} samples/s")
+    print(f"Predictions: {output_dir / PREDICTIONS_FILE}; scores: {output_dir / RESULTS_FILE}")
+    return results
+
+
+def refuse_overwrite(output_dir: Path, overwrite: bool) -> None:
+    existing = [name for name in (PREDICTIONS_FILE, RESULTS_FILE) if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir} already holds {existing[0]} from an earlier run; "
+            "pass --overwrite_output_dir to replace it or choose another --output_dir"
+        )
+
+
+def recorded_run_info(model_dir: str | None, modeling) -> dict:
+    """fora_run.json of the adapter or model (a checkpoint-N finds its run's one level up); {} if none."""
+    if not model_dir or not Path(model_dir).is_dir():
+        return {}
+    info = modeling.read_run_info(model_dir)
+    if not info and Path(model_dir).name.startswith("checkpoint-"):
+        info = modeling.read_run_info(str(Path(model_dir).parent))
+    return info
+
+
+def token_budget(prompt_length: int, args: PredictArguments, max_tgt_len: int) -> int:
+    """Tokens a record may generate: --max_new_tokens and --max_len minus its prompt, at least 1."""
+    limits = [args.max_new_tokens] if args.max_new_tokens else []
+    if args.max_len:
+        limits.append(args.max_len - prompt_length)
+    return max(1, min(limits or [max_tgt_len]))
+
+
+def warn_short_budgets(budgets: list[int], args: PredictArguments, max_tgt_len: int) -> None:
+    """Say when --max_len leaves prompts less room than the answers were trained with (or were asked for)."""
+    wanted = args.max_new_tokens or max_tgt_len
+    short = [b for b in budgets if b < wanted]
+    if args.max_len and short:
+        print(
+            f"warning: --max_len {args.max_len} (prompt + answer) leaves {len(short)} of {len(budgets)} records "
+            f"fewer than {wanted} new tokens (the fewest: {min(short)}); raise --max_len or lower --max_src_len",
+            file=sys.stderr,
+        )
+
+
+def describe_model(model_dir: str | None, info: dict, template_name: str) -> str:
+    bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
+    if info["model_kind"] == "adapter":
+        what = f"{info.get('finetuning_type') or 'LoRA'} adapter {model_dir} on {info['base_model']}{bits}"
+    elif info["model_kind"] == "model":
+        what = f"model {model_dir}{bits}"
+    else:
+        what = f"base model {info['base_model']}{bits}"
+    return f"Scoring {what} ({info['torch_dtype']}); prompt template: {template_name}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename: a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def run() -> None:
+    """Entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
