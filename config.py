@@ -129,20 +129,10 @@ class DataArguments:
 
     def _resolve_dataset(self):
         """Turn --dataset_dir + --dataset into a file path and column names."""
-        registry = Path(self.dataset_dir or "data") / "dataset_info.json"
-        if not registry.is_file():
-            raise UserError(f"{registry}: no such file (needed by --dataset {self.dataset})")
-        try:
-            entries = json.loads(registry.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{registry}: line {error.lineno}: invalid JSON ({error.msg})") from None
-        if self.dataset not in entries:
-            raise UserError(f"{registry}: no dataset named {self.dataset!r} (has: {', '.join(entries)})")
-        entry = entries[self.dataset]
-        columns = entry.get("columns", {})
-        self.train_file = self.train_file or str(registry.parent / entry["file_name"])
-        self.prompt_column = self.prompt_column or columns.get("query")
-        self.response_column = self.response_column or columns.get("response")
+        path, query, response = registered_dataset(self.dataset_dir, self.dataset)
+        self.train_file = self.train_file or path
+        self.prompt_column = self.prompt_column or query
+        self.response_column = self.response_column or response
 
 
 @dataclass
