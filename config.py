@@ -362,7 +362,11 @@ class MergeArguments:
         },
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a model already in --output_dir (only once the new one is complete)."}
+        default=False,
+        metadata={
+            "help": "Replace --output_dir if it is not empty (a previous merge): the whole folder is swapped for "
+            "the new one, only once that is complete. Without it a non-empty --output_dir is an error."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run the base model's own Python code (also on when recorded at training)."}

@@ -1,0 +1,223 @@
+"""Merge a LoRA or FoRA adapter into its base and save a standalone model that plain transformers loads.
+
+    base (fp32) ─┬─ [adapter trained on a 4/8-bit base, merge_into=dequantized]
+                 │      quantize the base exactly as training did (modeling.load_model), dequantize each
+                 │      quantized linear layer and put those weights into the fp32 base
+                 └─ attach the adapter (modeling.load_adapter) → merge_and_unload (W += ΔW in fp32;
+                    FoRA: ΔW = s·D(I+E+CB)A via fusion_lora.ForaLinearVariant) → cast to --dtype
+                    → save_pretrained (sharded safetensors) + tokenizer into a temporary folder
+                    → rename into place
+
+Nothing is written to --output_dir until the merged model is complete, and a failure leaves
+whatever was there untouched.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fora import modeling
+from fora.errors import UserError
+
+MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
+MERGE_FILE = "fora_merge.json"  # where the merged model came from
+
+
+def check_adapter_dir(adapter: str) -> Path:
+    path = Path(adapter)
+    if not path.exists():
+        raise UserError(f"--adapter {adapter}: no such folder")
+    if not path.is_dir():
+        raise UserError(f"--adapter {adapter}: is a file, expected an adapter folder")
+    if not (path / "adapter_config.json").is_file():
+        hint = " (it is a full model; there is nothing to merge)" if (path / "config.json").is_file() else ""
+        raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json){hint}")
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UserError(f"--adapter {path / 'adapter_config.json'}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not any(path.glob("adapter_model.*")):
+        raise UserError(f"--adapter {adapter}: the folder has no adapter weights (adapter_model.safetensors)")
+    return path
+
+
+def resolve_base(base_model: str | None, run_info: dict, adapter: Path) -> str:
+    """--base_model, else the base recorded in the adapter's fora_run.json, checked to be a model folder."""
+    flag = "--base_model"
+    if not base_model:
+        base_model = run_info.get("base_model")
+        if not base_model:
+            raise UserError(f"--base_model is required: {adapter} has no {modeling.RUN_FILE} naming the base model")
+        flag = f"--base_model (recorded in {adapter / modeling.RUN_FILE})"
+    path = Path(base_model)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{flag} {base_model}: is a file, expected a model folder")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{flag} {base_model}: not a model folder (no config.json)")
+        if not any(any(path.glob(pattern)) for pattern in modeling.WEIGHT_PATTERNS):
+            raise UserError(f"{flag} {base_model}: the folder has no weights (*.safetensors or *.bin)")
+        return str(path)
+    if base_model.count("/") == 1 and not base_model.startswith((".", "/", "~")):
+        return base_model  # a hub id; transformers reports it if it cannot be fetched
+    raise UserError(f"{flag} {base_model}: no such folder")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, *inputs: Path) -> Path:
+    out = Path(output_dir)
+    for source in inputs:
+        if source.exists() and (out.resolve() == source.resolve() or source.resolve() in out.resolve().parents):
+            raise UserError(f"--output_dir {output_dir}: is (inside) the input folder {source}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a folder")
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        held = [m for m in MODEL_MARKERS if any(out.glob(m))]
+        what = f"already holds a model ({held[0]})" if held else "is not empty"
+        raise UserError(f"--output_dir {output_dir}: {what}; pass --overwrite_output_dir to replace the folder")
+    return out
+
+
+def run_dtype(run_info: dict) -> torch.dtype:
+    """The compute dtype training used for its quantized base (fora_run.json torch_dtype), else float32."""
+    name = run_info.get("torch_dtype")
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def load_fp32_base(base: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"--base_model {base}: cannot load the model ({str(error).splitlines()[0]})") from None
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise UserError(f"--base_model {base}: is itself a quantized checkpoint; merge needs the 16/32-bit base")
+    return model
+
+
+def put_dequantized_weights(model: nn.Module, base: str, bits: int, dtype: torch.dtype, trust_remote_code: bool) -> int:
+    """Replace the weights of the layers training saw quantized with their dequantized values, in place.
+
+    The base is quantized by the very loading code training used (same BitsAndBytesConfig, same
+    compute dtype), so the NF4 / int8 codes and scales are the ones the adapter was trained against.
+    Returns the number of layers replaced.
+    """
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    quantized = modeling.load_model(base, dtype, trust_remote_code, bits)
+    targets = dict(model.named_modules())
+    replaced = 0
+    for name, module in quantized.named_modules():
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        state = getattr(module, "state", None)
+        weight = dequantize_bnb_weight(module.weight, state=state).to(torch.float32)
+        target = targets.get(name)
+        if target is None or getattr(target, "weight", None) is None or target.weight.shape != weight.shape:
+            raise UserError(f"--base_model {base}: layer {name} differs between the full and the quantized load")
+        with torch.no_grad():
+            target.weight.copy_(weight)
+        replaced += 1
+    del quantized
+    return replaced
+
+
+def merge(args, log=print) -> Path:
+    """Merge per `args` (config.MergeArguments); returns the output folder."""
+    adapter = check_adapter_dir(args.adapter)
+    run_info = modeling.read_run_info(str(adapter))
+    base = resolve_base(args.base_model, run_info, adapter)
+    output_dir = check_output_dir(args.output_dir, args.overwrite_output_dir, adapter, Path(base))
+    trust_remote_code = args.trust_remote_code or bool(run_info.get("trust_remote_code"))
+    bits = run_info.get("quantization_bit")
+
+    log(f"Base model: {base}")
+    model = load_fp32_base(base, trust_remote_code)
+    if bits and args.merge_into == "dequantized":
+        dtype = run_dtype(run_info)
+        count = put_dequantized_weights(model, base, bits, dtype, trust_remote_code)
+        log(f"The adapter was trained on a {bits}-bit base: merging into the dequantized {bits}-bit weights "
+            f"({count} layers, quantized with compute dtype {str(dtype).removeprefix('torch.')} as in training)")
+    elif bits:
+        log(f"The adapter was trained on a {bits}-bit base: merging into the original weights (--merge_into original)")
+
+    try:
+        peft_model = modeling.load_adapter(model, str(adapter))
+    except ValueError as error:  # e.g. PEFT's "Target modules ... not found in the base model"
+        raise UserError(f"--adapter {adapter}: does not fit --base_model {base} ({str(error).splitlines()[0]})") from None
+    kind = "FoRA" if getattr(peft_model.peft_config["default"], "use_fora", False) else "LoRA"
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    out_dtype = output_dtype(args.dtype, base, run_info)
+    merged = merged.to(out_dtype)
+    merged.config.dtype = out_dtype
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.config.name_or_path = str(output_dir)
+    log(f"Merged the {kind} adapter {adapter}; saving in {str(out_dtype).removeprefix('torch.')}")
+
+    tokenizer = load_tokenizer(adapter, base, trust_remote_code)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        merged.save_pretrained(staging, max_shard_size=args.max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        provenance = {
+            "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
+            "adapter": str(adapter.resolve()),
+            "finetuning_type": kind.lower(),
+            "merge_into": args.merge_into if bits else "original",
+            "quantization_bit": bits,
+            "dtype": str(out_dtype).removeprefix("torch."),
+        }
+        (staging / MERGE_FILE).write_text(json.dumps(provenance, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shards = sorted(p.name for p in output_dir.glob("*.safetensors"))
+    log(f"Merged model saved to {output_dir} ({len(shards)} safetensors shard{'s' if len(shards) != 1 else ''})")
+    return output_dir
+
+
+def output_dtype(requested: str, base: str, run_info: dict) -> torch.dtype:
+    """--dtype; 'auto' = the dtype the base checkpoint is stored in (float32 when it does not say)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    config_file = Path(base) / "config.json"
+    stored = None
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        stored = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, stored) if stored in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def load_tokenizer(adapter: Path, base: str, trust_remote_code: bool):
+    """The tokenizer saved with the adapter (training's, pad token included), else the base's."""
+    from transformers import AutoTokenizer
+
+    for source in (adapter, base):
+        if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    return None
+
+
+def replace_dir(staging: Path, output_dir: Path) -> None:
+    """Move the finished `staging` folder to `output_dir`, replacing what is there only once it is complete."""
+    if output_dir.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+        backup.rmdir()
+        output_dir.rename(backup)
+        try:
+            staging.rename(output_dir)
+        except BaseException:
+            backup.rename(output_dir)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(output_dir)
