@@ -174,7 +174,8 @@ def _load_quantized_without_mmap(model_path: str, kwargs: dict):
         if state_dict is None:
             return None
         model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
-    model.config.name_or_path = model_path  # from_pretrained(None, ...) leaves it unset; PEFT records it
+    # from_pretrained(None, ...) records "None"; PEFT writes model.name_or_path into adapter_config.json
+    model.name_or_path = model.config.name_or_path = model_path
     if (Path(model_path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_path)
     return model

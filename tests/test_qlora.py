@@ -109,6 +109,7 @@ def test_train_qlora_two_steps(tiny_model, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     run_info = json.loads((out / "fora_run.json").read_text())
     assert run_info["quantization_bit"] == 4 and run_info["finetuning_type"] == "fora"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
     assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
 
 
