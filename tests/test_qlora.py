@@ -116,10 +116,10 @@ def test_train_qlora_two_steps(tiny_model, tmp_path):
 def test_seed_deepspeed_command(tiny_model, tmp_path):
     """The seed's command as written (ZeRO-2 over 2 processes, here on CPU); only the paths differ.
 
-    The 8-record subset of spo_0 keeps it to 4 optimizer steps (4 epochs x 4 records per rank / 4 accumulated).
+    The first 40 records of spo_0 (`head -40`): 20 optimizer steps (4 epochs x 20 records per rank / 4 accumulated).
     """
     (tmp_path / "ds_config.json").write_text((REPO / "ds_config.json").read_text())
-    spo_subset(tmp_path, 8)
+    spo_subset(tmp_path, 40)
     out = tmp_path / "out"
     command = (
         f"deepspeed --num_gpus 2 {REPO / 'train_qlora.py'} --train_file spo_0.json --model_name_or_path {tiny_model} "
@@ -135,7 +135,7 @@ def test_seed_deepspeed_command(tiny_model, tmp_path):
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert result.stdout.count("Base model loaded in 4-bit (NF4, double quantization)") == 1  # rank 0 logs
     assert json.loads((out / "fora_run.json").read_text())["quantization_bit"] == 4
-    assert json.loads((out / "train_results.json").read_text())["global_step"] == 4
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 20
     from safetensors.torch import load_file
 
     weights = load_file(out / "adapter_model.safetensors")
