@@ -120,8 +120,10 @@ def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool = Fa
         if quantization_bit and not torch.cuda.is_available():
             return_large_frees_to_system()
             model = _load_quantized_without_mmap(model_path, kwargs)
-            if model is not None:
-                return model
+            if model is None:  # remote code, .bin or pre-quantized checkpoints: transformers' own loading
+                model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+                _copy_out_of_checkpoint(model)
+            return model
         return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as error:
         raise UserError(f"--model_name_or_path {model_path}: cannot load the model ({str(error).splitlines()[0]})") from None
@@ -179,6 +181,18 @@ def _load_quantized_without_mmap(model_path: str, kwargs: dict):
     if (Path(model_path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_path)
     return model
+
+
+def _copy_out_of_checkpoint(model) -> None:
+    """Give unquantized weights their own memory where they may still view the memory-mapped checkpoint.
+
+    A weight loaded in the dtype it is stored in can stay a view into the mapped file, and one such
+    view keeps the whole map, every page quantizing touched included, resident (RssFile).
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 def return_large_frees_to_system(threshold: int = 1 << 20) -> None:

@@ -16,8 +16,9 @@ Variants:
              prepare_model_for_kbit_training + get_peft_model, nothing else
   nf4-mmap, nf4-upcast, nf4-notrim, nf4-heap
              nf4 with one of fora/modeling.py's memory measures left out (see ABLATIONS): loading
-             through transformers' mmap, PEFT's fp32 upcast of bf16 weights, gc + malloc_trim after
-             loading, glibc's default (growing) mmap threshold
+             through transformers' mmap (the fallback for remote code / .bin checkpoints, which then
+             copies unquantized weights out of the map), PEFT's fp32 upcast of bf16 weights,
+             gc + malloc_trim after loading, glibc's default (growing) mmap threshold
 
 Columns: RssAnon and RssFile after the second step, resident = their sum, VmHWM = peak resident
 over the whole process; the ratios are against the bf16 row. bf16 matmuls are emulated on CPUs
@@ -30,7 +31,7 @@ peft 0.21.2), GB after the second step:
     bf16             1.43    2.22    3.65    3.82    1.00     1.00
     nf4              1.44    0.12    1.56    2.20    0.43     0.58
     nf4-stock        2.71    0.12    2.83    3.96    0.77     1.04
-    nf4-mmap         1.17    2.22    3.39    4.04    0.93     1.06
+    nf4-mmap         1.44    0.12    1.56    3.53    0.43     0.92   (copy-out of the map; without it 1.17 + 2.22, VmHWM 4.04)
     nf4-upcast       1.60    0.12    1.72    2.45    0.47     0.64
     nf4-notrim       1.43    0.12    1.55    2.20    0.42     0.58
     nf4-heap         2.33    0.12    2.45    2.58    0.67     0.68

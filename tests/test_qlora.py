@@ -40,6 +40,21 @@ def test_4bit_layers_after_loading(tiny_model, compute_dtype):
     assert model.config.quantization_config.bnb_4bit_quant_type == "nf4" and model.is_loaded_in_4bit
 
 
+def test_pread_loading_equals_transformers_own(tiny_model, monkeypatch):
+    """The CPU path reads the checkpoint with pread; transformers' mmap path (kept for remote code and
+    .bin checkpoints) must give the very same quantized model."""
+    ids = torch.tensor([[1, 50, 60, 70, 80, 2]])
+    ours = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    monkeypatch.setattr(modeling, "_load_quantized_without_mmap", lambda *args: None)
+    theirs = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    assert ours.name_or_path == theirs.name_or_path == str(tiny_model)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("finetuning_type", ["lora", "fora"])
 def test_adapters_on_every_4bit_layer(tiny_model, finetuning_type):
     model = modeling.load_model(str(tiny_model), torch.bfloat16, quantization_bit=4)
