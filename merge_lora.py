@@ -27,10 +27,9 @@ folder beside it and renamed into place); a folder that is not empty (a previous
 replaced, as a whole, only with --overwrite_output_dir. A user's mistake prints one `error: ...` line and exits with code 2.
 """
 
-import sys
 
 from config import MergeArguments, parse_args
-from fora.errors import UserError
+from fora.errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,14 +39,5 @@ def main(argv: list[str] | None = None) -> None:
     merge(args)
 
 
-def run() -> None:
-    """Entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    run()
+    exit_on_user_error(main)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from config import PredictArguments, parse_args
-from fora.errors import UserError
+from fora.errors import UserError, exit_on_user_error
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
@@ -189,14 +189,5 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def run() -> None:
-    """Entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    run()
+    exit_on_user_error(main)

@@ -7,11 +7,10 @@
 Every flag is documented in config.py (or `python train_lora.py --help`).
 """
 
-import sys
 from pathlib import Path
 
 from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args, resolve_precision
-from fora.errors import UserError
+from fora.errors import UserError, exit_on_user_error
 
 PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.json", "config.json", "checkpoint-*")
 
@@ -132,12 +131,8 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
 
 
 def run(default_quantization_bit: int | None = None) -> None:
-    """Entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
-    try:
-        main(default_quantization_bit=default_quantization_bit)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """Entry point of train_lora.py and train_qlora.py (which loads the base in 4-bit by default)."""
+    exit_on_user_error(lambda: main(default_quantization_bit=default_quantization_bit))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,18 @@ caught once, at the entry point, which prints it and exits non-zero. Anything el
 keeps its traceback.
 """
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A problem in the user's input, explained in one line."""
+
+
+def exit_on_user_error(main: Callable[[], object]) -> None:
+    """Run an entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
