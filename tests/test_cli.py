@@ -125,8 +125,9 @@ def test_bad_flags_give_one_line(tmp_path, tiny_model, flags, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model):
-    """The seed's deepspeed command as written; only paths and the device selection differ."""
+@pytest.mark.parametrize("adapter_flags", [[], ["--finetuning_type", "fora"]], ids=["lora", "fora"])
+def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapter_flags):
+    """The seed's deepspeed command as written (and with FoRA); only paths and the device selection differ."""
     subset = tmp_path / "spo_0.json"  # the first 16 records, so four epochs end in a minute
     subset.write_text("".join((SHARED_DATA / "spo_0.json").read_text(encoding="utf-8").splitlines(True)[:16]), encoding="utf-8")
     out = tmp_path / "ds_out"
@@ -139,7 +140,7 @@ def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model):
         "--warmup_ratio", "0.1", "--lr_scheduler_type", "cosine", "--save_total_limit", "1",
         "--learning_rate", "2e-5", "--logging_steps", "50", "--save_steps", "500", "--lora_rank", "2",
         "--fp16", "--torch_dtype", "float16", "--preprocessing_num_workers", "2", "--deepspeed", "ds_config.json",
-        timeout=900,
+        *adapter_flags, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -149,6 +150,11 @@ def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model):
     assert results["global_step"] == 8  # 16 records x 4 epochs / (1 x 4 accumulation x 2 processes)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     assert len(list(out.glob("checkpoint-*"))) == 1  # --save_total_limit 1
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    factors = {key.rsplit(".", 2)[-2] for key in weights}
+    assert factors == ({"lora_A", "lora_B", "lora_C", "lora_D", "lora_E"} if adapter_flags else {"lora_A", "lora_B"})
+    trained_from_zero = "lora_D" if adapter_flags else "lora_B"
+    assert any(trained_from_zero in k and v.abs().max() > 0 for k, v in weights.items())
 
 
 def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
