@@ -53,18 +53,7 @@ def resolve_base(base_model: str | None, run_info: dict, adapter: Path) -> str:
         if not base_model:
             raise UserError(f"--base_model is required: {adapter} has no {modeling.RUN_FILE} naming the base model")
         flag = f"--base_model (recorded in {adapter / modeling.RUN_FILE})"
-    path = Path(base_model)
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{flag} {base_model}: is a file, expected a model folder")
-        if not (path / "config.json").is_file():
-            raise UserError(f"{flag} {base_model}: not a model folder (no config.json)")
-        if not any(any(path.glob(pattern)) for pattern in modeling.WEIGHT_PATTERNS):
-            raise UserError(f"{flag} {base_model}: the folder has no weights (*.safetensors or *.bin)")
-        return str(path)
-    if base_model.count("/") == 1 and not base_model.startswith((".", "/", "~")):
-        return base_model  # a hub id; transformers reports it if it cannot be fetched
-    raise UserError(f"{flag} {base_model}: no such folder")
+    return modeling.resolve_model_path(base_model, flag)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, *inputs: Path) -> Path:

@@ -56,22 +56,25 @@ def ensure_default_model() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def resolve_model_path(name_or_path: str | None) -> str:
-    """A local model folder (checked to hold a config and weights), or a hub id left to transformers."""
+def resolve_model_path(name_or_path: str | None, flag: str = "--model_name_or_path") -> str:
+    """A local model folder (checked to hold a config and weights), or a hub id left to transformers.
+
+    `flag` names where the path came from, for the error message.
+    """
     if not name_or_path:
         return str(ensure_default_model())
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"--model_name_or_path {path}: is a file, expected a model folder")
+            raise UserError(f"{flag} {name_or_path}: is a file, expected a model folder")
         if not (path / "config.json").is_file():
-            raise UserError(f"--model_name_or_path {path}: not a model folder (no config.json)")
+            raise UserError(f"{flag} {name_or_path}: not a model folder (no config.json)")
         if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
-            raise UserError(f"--model_name_or_path {path}: the folder has no weights (*.safetensors or *.bin)")
+            raise UserError(f"{flag} {name_or_path}: the folder has no weights (*.safetensors or *.bin)")
         return str(path)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return name_or_path  # a hub id; transformers reports it if it cannot be fetched
-    raise UserError(f"--model_name_or_path {name_or_path}: no such folder")
+    raise UserError(f"{flag} {name_or_path}: no such folder")
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
