@@ -19,6 +19,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from fora.errors import UserError
+from fora.templates import check_template_name
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FINETUNING_TYPES = ("lora", "fora", "full")
@@ -52,6 +53,13 @@ class ModelArguments:
             "train_qlora.py defaults to 4."
         },
     )
+
+    def __post_init__(self):
+        # Checked here, before the data is tokenized and the model loaded, where they are first used.
+        if self.torch_dtype not in DTYPES:
+            raise UserError(f"--torch_dtype {self.torch_dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise UserError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
 
 
 @dataclass
@@ -124,6 +132,7 @@ class DataArguments:
             raise UserError(f"--data_format {self.data_format!r} is unknown")
         if self.empty_response not in ("train", "skip", "error"):
             raise UserError(f"--empty_response {self.empty_response!r} is unknown; choose train, skip or error")
+        check_template_name(self.template)
         if self.dataset:
             self._resolve_dataset()
 
@@ -296,8 +305,18 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
         argv = _file_as_flags(argv[0]) + argv[1:]
-    parser = HfArgumentParser(dataclass_types)
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unknown = _Parser(dataclass_types).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help for the flags)")
+    return parsed
+
+
+class _Parser(HfArgumentParser):
+    """argparse's own complaints ("argument --lora_rank: invalid int value: 'x'", a missing required flag)
+    become one `error:` line instead of the whole usage text followed by the message."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def _file_as_flags(path: str) -> list[str]:
@@ -549,6 +568,7 @@ class PredictArguments:
             raise UserError(f"--padding_side must be left or right, got {self.padding_side!r}")
         if self.data_format not in ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt"):
             raise UserError(f"--data_format {self.data_format!r} is unknown")
+        check_template_name(self.template)
         if self.dataset:
             if self.test_path:
                 raise UserError("give either --test_path or --dataset, not both")

@@ -164,7 +164,12 @@ def get_template(tokenizer, name: str | None) -> NamedTemplate | ChatTemplate:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--template chat_template: this tokenizer has no chat template")
         return ChatTemplate()
-    if name not in NAMED_TEMPLATES:
-        known = ", ".join(["auto", ChatTemplate.name, *NAMED_TEMPLATES])
-        raise UserError(f"--template {name!r} is unknown; choose one of: {known}")
+    check_template_name(name)
     return NAMED_TEMPLATES[name]
+
+
+def check_template_name(name: str | None) -> None:
+    """Refuse an unknown --template; the argument classes call it so the mistake shows before any loading."""
+    known = ["auto", ChatTemplate.name, *NAMED_TEMPLATES]
+    if name is not None and name not in known:
+        raise UserError(f"--template {name!r} is unknown; choose one of: {', '.join(known)}")
