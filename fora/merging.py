@@ -135,10 +135,7 @@ def merge(args, log=print) -> Path:
     elif bits:
         log(f"The adapter was trained on a {bits}-bit base: merging into the original weights (--merge_into original)")
 
-    try:
-        peft_model = modeling.load_adapter(model, str(adapter))
-    except ValueError as error:  # e.g. PEFT's "Target modules ... not found in the base model"
-        raise UserError(f"--adapter {adapter}: does not fit --base_model {base} ({str(error).splitlines()[0]})") from None
+    peft_model = modeling.load_adapter(model, str(adapter), flag="--adapter")
     kind = "FoRA" if getattr(peft_model.peft_config["default"], "use_fora", False) else "LoRA"
     merged = peft_model.merge_and_unload(safe_merge=True)
     out_dtype = output_dtype(args.dtype, base, run_info)

@@ -77,10 +77,17 @@ def resolve_model_path(name_or_path: str | None, flag: str = "--model_name_or_pa
     raise UserError(f"{flag} {name_or_path}: no such folder")
 
 
-def load_tokenizer(model_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+def load_tokenizer(
+    model_path: str, trust_remote_code: bool = False, padding_side: str = "right", flag: str = "--model_name_or_path"
+):
+    """The tokenizer of `model_path`; `flag` names where the path came from, for the error message."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    except (OSError, ValueError) as error:  # no tokenizer files in the folder, or a hub id that cannot be fetched
+        problem = "cannot load its tokenizer" if Path(model_path).is_dir() else "no such folder, and not fetchable as a hub id"
+        raise UserError(f"{flag} {model_path}: {problem} ({str(error).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked by attention_mask and labels, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -105,7 +112,13 @@ def quantization_config(bits: int | None, compute_dtype: torch.dtype):
     raise UserError(f"--quantization_bit must be 4 or 8, got {bits}")
 
 
-def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool = False, quantization_bit: int | None = None):
+def load_model(
+    model_path: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    quantization_bit: int | None = None,
+    flag: str = "--model_name_or_path",
+):
     """The base model in `dtype`, or quantized to 4-bit NF4 / 8-bit with `dtype` as compute dtype.
 
     A quantized base on CPU is read with `pread` instead of memory-mapping its safetensors files
@@ -129,7 +142,7 @@ def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool = Fa
             return model
         return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as error:
-        raise UserError(f"--model_name_or_path {model_path}: cannot load the model ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{flag} {model_path}: cannot load the model ({str(error).splitlines()[0]})") from None
     finally:
         if quantization_bit:
             release_freed_memory()
@@ -312,21 +325,29 @@ def read_run_info(adapter_dir: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
-    """PeftModel for a saved LoRA or FoRA adapter directory; a clear error when it is not one or does not fit."""
+def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False, flag: str = "--adapter"):
+    """PeftModel for a saved LoRA or FoRA adapter directory; a clear error when it is not one or does not fit.
+
+    `flag` names where the adapter folder came from, for the error message.
+    """
     from peft import PeftModel
 
     from fusion_lora import load_fora_config
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: not an adapter directory (no adapter_config.json)")
+        raise UserError(f"{flag} {adapter_dir}: not an adapter directory (no adapter_config.json)")
+    base = base_model.name_or_path
     try:
         return PeftModel.from_pretrained(
             base_model, adapter_dir, config=load_fora_config(adapter_dir), is_trainable=is_trainable
         )
+    except ValueError as error:  # e.g. PEFT's "Target modules ... not found in the base model"
+        raise UserError(f"{flag} {adapter_dir}: does not fit the base model {base} ({str(error).splitlines()[0]})") from None
     except RuntimeError as error:
         if "size mismatch" in str(error):
-            raise UserError(f"{adapter_dir}: the adapter was trained for another base model (weight shapes differ)") from None
+            raise UserError(
+                f"{flag} {adapter_dir}: the adapter was trained for another base model than {base} (weight shapes differ)"
+            ) from None
         raise
 
 
@@ -350,12 +371,6 @@ def load_inference_model(
     quantization_bit.
     """
 
-    def checked_path(name_or_path: str | None, flag: str) -> str:
-        try:
-            return resolve_model_path(name_or_path)
-        except UserError as error:  # name the flag this step was given, not training's
-            raise UserError(str(error).replace("--model_name_or_path", flag)) from None
-
     info: dict = {}
     kind, adapter = "base", None
     if model_dir:
@@ -373,20 +388,20 @@ def load_inference_model(
             raise UserError(
                 f"--model_dir {model_dir}: neither an adapter (adapter_config.json) nor a model folder (config.json)"
             )
+    # The model to load, and the flag that named it (for error messages).
+    model_source, model_flag = base_model, "--ori_model_dir"
     if kind == "adapter":
         with open(path / "adapter_config.json", encoding="utf-8") as f:
             recorded_base = info.get("base_model") or json.load(f).get("base_model_name_or_path")
-        base = base_model or recorded_base
+        model_source = base_model or recorded_base
         if not base_model and recorded_base and not Path(recorded_base).exists() and recorded_base.count("/") != 1:
             raise UserError(
                 f"--model_dir {model_dir}: its base model {recorded_base} (recorded at training) is not here; "
                 "pass --ori_model_dir BASE"
             )
-        model_path = checked_path(base, "--ori_model_dir")
     elif kind == "model":
-        model_path = checked_path(model_dir, "--model_dir")
-    else:
-        model_path = checked_path(base_model, "--ori_model_dir")
+        model_source, model_flag = model_dir, "--model_dir"
+    model_path = resolve_model_path(model_source, model_flag)
     if quantization_bit is None and kind == "adapter":
         quantization_bit = info.get("quantization_bit")
     # The recorded or requested dtype; without CUDA, half precision only where the CPU does bf16 natively.
@@ -398,10 +413,13 @@ def load_inference_model(
     trust_remote_code = trust_remote_code or bool(info.get("trust_remote_code"))
 
     has_tokenizer = adapter and any((Path(adapter) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
-    tokenizer = load_tokenizer(adapter if has_tokenizer else model_path, trust_remote_code, padding_side="left")
-    model = load_model(model_path, dtype, trust_remote_code, quantization_bit)
+    if has_tokenizer:
+        tokenizer = load_tokenizer(adapter, trust_remote_code, padding_side="left", flag="--model_dir")
+    else:
+        tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
+    model = load_model(model_path, dtype, trust_remote_code, quantization_bit, flag=model_flag)
     if adapter:
-        model = load_adapter(model, adapter)
+        model = load_adapter(model, adapter, flag="--model_dir")
         if merge and not quantization_bit:
             model = model.merge_and_unload()  # W + dW once: same outputs up to rounding, no adapter work per token
     if not quantization_bit and torch.cuda.is_available():
