@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def refuse_overwrite(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a folder")
     existing = [name for name in (PREDICTIONS_FILE, RESULTS_FILE) if (output_dir / name).exists()]
     if existing and not overwrite:
         raise UserError(
