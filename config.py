@@ -234,6 +234,13 @@ class TrainArguments(TrainingArguments):
     logging_dir: str | None = field(
         default=None, metadata={"help": "TensorBoard log folder (default OUTPUT_DIR/runs)."}
     )
+    supervised_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the output layer and loss only at positions whose label is trained (same loss, "
+            "less work). False: logits over the whole vocabulary at every position, as plain transformers does."
+        },
+    )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where metrics go: tensorboard (default), none, or other HF integrations."}
     )

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
             **result.metrics,
             "global_step": result.global_step,
             "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+            "pad_fraction": round(trainer.pad_fraction(), 4),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "final_loss": losses[-1] if losses else result.training_loss,
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         write_json(output_dir / "train_results.json", results)
         plot_loss(trainer.state.log_history, output_dir / "training_loss.png")
         log(f"Adapter saved to {output_dir}" if finetuning_args.finetuning_type != "full" else f"Model saved to {output_dir}")
+        log(f"Padding: {100 * results['pad_fraction']:.1f}% of the training batches' tokens")
         log(f"Loss curve: {output_dir / 'training_loss.png'}; TensorBoard logs: {training_args.logging_dir}")
 
 

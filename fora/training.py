@@ -74,10 +74,18 @@ class SupervisedTrainer(Trainer):
         # Let the Trainer count supervised tokens over the accumulated batch (and across ranks).
         self.model_accepts_loss_kwargs = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.head_on_selected = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.head_on_selected = getattr(self.args, "supervised_logits", True) and (
+            "logits_to_keep" in inspect.signature(base.forward).parameters
+        )
+        # Tokens in the training batches this process built, and how many were real (not padding);
+        # the real count stays a tensor on the device so counting never waits for the accelerator.
+        self.batch_tokens, self.real_tokens = 0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
+        if model.training:
+            self.batch_tokens += inputs["attention_mask"].numel()
+            self.real_tokens = self.real_tokens + inputs["attention_mask"].sum()
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if self.head_on_selected:
             outputs = model(**model_inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
@@ -93,6 +101,10 @@ class SupervisedTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # ranks' gradients are averaged; undo that for a token mean
         return (loss, outputs) if return_outputs else loss
+
+    def pad_fraction(self) -> float:
+        """Share of the training batches' tokens that were padding (this process)."""
+        return 1 - float(self.real_tokens) / self.batch_tokens if self.batch_tokens else 0.0
 
 
 class LossPlotCallback(TrainerCallback):
