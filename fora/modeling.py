@@ -20,6 +20,7 @@ DEFAULT_MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RUN_FILE = "fora_run.json"  # what training decided: base, dtype, quantization, template, adapter type
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def ensure_default_model() -> Path:
@@ -83,10 +84,13 @@ def load_tokenizer(
     """The tokenizer of `model_path`; `flag` names where the path came from, for the error message."""
     from transformers import AutoTokenizer
 
+    folder = Path(model_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{flag} {model_path}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
-    except (OSError, ValueError) as error:  # no tokenizer files in the folder, or a hub id that cannot be fetched
-        problem = "cannot load its tokenizer" if Path(model_path).is_dir() else "no such folder, and not fetchable as a hub id"
+    except OSError as error:  # e.g. a path that does not exist, taken for a hub id, with no network
+        problem = "cannot load its tokenizer" if folder.is_dir() else "no such folder, and not fetchable as a hub id"
         raise UserError(f"{flag} {model_path}: {problem} ({str(error).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked by attention_mask and labels, so any token serves.
