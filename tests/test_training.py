@@ -1,0 +1,104 @@
+"""The supervised-position loss against the plain full-logits loss, and the padding count."""
+
+import tempfile
+
+import pytest
+import torch
+
+from config import FinetuningArguments, TrainArguments
+from fora import training
+from fora.modeling import attach_adapter, load_model
+from fora.training import PaddingCollator, SupervisedTrainer
+
+
+def random_batch(vocab: int, pad_id: int) -> dict:
+    """Three rows of different lengths; prompts masked, answers trained, right padding."""
+    generator = torch.Generator().manual_seed(0)
+    features = []
+    for length, prompt in ((23, 15), (9, 4), (17, 6)):
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return PaddingCollator(pad_id)(features)
+
+
+def full_logits_loss(model, batch) -> torch.Tensor:
+    """The textbook definition, written out: logits everywhere, shift, mean over trained tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+
+
+@pytest.fixture
+def adapted(tiny_model):
+    model = load_model(str(tiny_model), torch.float32)
+    torch.manual_seed(0)
+    model = attach_adapter(model, FinetuningArguments(finetuning_type="lora", lora_rank=4, lora_dropout=0.0))
+    with torch.no_grad():  # B = 0 at init would leave A without gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def loss_and_grads(trainer, model, batch, num_items=None):
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("chunk", [training.LOSS_CHUNK, 5])
+def test_supervised_positions_give_the_full_loss_and_gradients(adapted, tokenizer, monkeypatch, chunk):
+    monkeypatch.setattr(training, "LOSS_CHUNK", chunk)  # 5: several head chunks per batch
+    batch = random_batch(adapted.config.vocab_size, tokenizer.pad_token_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SupervisedTrainer(model=adapted, args=TrainArguments(output_dir=scratch, report_to="none"))
+    assert trainer.head_on_selected
+
+    adapted.zero_grad(set_to_none=True)
+    expected = full_logits_loss(adapted, batch)
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+    loss, grads = loss_and_grads(trainer, adapted, batch)
+
+    assert abs(loss.item() - expected.item()) < 1e-5
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_accumulated_batches_divide_by_the_tokens_of_all_of_them(adapted, tokenizer):
+    """With gradient accumulation the Trainer passes the trained-token count of the whole step."""
+    batch = random_batch(adapted.config.vocab_size, tokenizer.pad_token_id)
+    trained = int(batch["labels"][:, 1:].ne(-100).sum())
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SupervisedTrainer(model=adapted, args=TrainArguments(output_dir=scratch, report_to="none"))
+    mean, _ = loss_and_grads(trainer, adapted, batch)
+    share, _ = loss_and_grads(trainer, adapted, batch, num_items=torch.tensor(3 * trained))
+    assert share.item() == pytest.approx(mean.item() / 3, rel=1e-6)
+
+
+def test_switched_off_it_computes_full_logits_with_the_same_loss(adapted, tokenizer):
+    batch = random_batch(adapted.config.vocab_size, tokenizer.pad_token_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        on = SupervisedTrainer(model=adapted, args=TrainArguments(output_dir=scratch, report_to="none"))
+        off = SupervisedTrainer(
+            model=adapted, args=TrainArguments(output_dir=scratch, report_to="none", supervised_logits=False)
+        )
+    assert on.head_on_selected and not off.head_on_selected
+    _, outputs = off.compute_loss(adapted, batch, return_outputs=True)
+    assert outputs.logits.shape[:2] == batch["input_ids"].shape  # every position, as plain transformers
+    assert off.compute_loss(adapted, batch).item() == pytest.approx(on.compute_loss(adapted, batch).item(), abs=1e-5)
+
+
+def test_pad_fraction_counts_the_training_batches(adapted, tokenizer):
+    batch = random_batch(adapted.config.vocab_size, tokenizer.pad_token_id)  # 3 x 23 tokens, 49 real
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SupervisedTrainer(model=adapted, args=TrainArguments(output_dir=scratch, report_to="none"))
+    adapted.train()
+    trainer.compute_loss(adapted, batch)
+    trainer.compute_loss(adapted, batch)
+    adapted.eval()
+    trainer.compute_loss(adapted, batch)  # evaluation batches are not counted
+    assert trainer.pad_fraction() == pytest.approx(1 - 49 / 69)
