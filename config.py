@@ -395,7 +395,7 @@ class MergeArguments:
         },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run the base model's own Python code (also on when recorded at training)."}
+        default=False, metadata={"help": "Run the base model's own Python code. Off by default, also when the adapter was trained with it."}
     )
 
     def __post_init__(self):
@@ -525,7 +525,7 @@ class PredictArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Run the model's own Python code (also on when training recorded it)."},
+        metadata={"help": "Run the model's own Python code. Off by default, also when the adapter was trained with it."},
     )
     overwrite_output_dir: bool = field(
         default=False,

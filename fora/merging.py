@@ -122,7 +122,8 @@ def merge(args, log=print) -> Path:
     run_info = modeling.read_run_info(str(adapter))
     base = resolve_base(args.base_model, run_info, adapter)
     output_dir = check_output_dir(args.output_dir, args.overwrite_output_dir, adapter, Path(base))
-    trust_remote_code = args.trust_remote_code or bool(run_info.get("trust_remote_code"))
+    modeling.require_remote_code_flag(args.trust_remote_code, run_info, adapter, base)
+    trust_remote_code = args.trust_remote_code
     bits = run_info.get("quantization_bit")
 
     log(f"Base model: {base}")

@@ -329,6 +329,15 @@ def read_run_info(adapter_dir: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def require_remote_code_flag(trust_remote_code: bool, run_info: dict, adapter_dir, base: str) -> None:
+    """A recorded run never switches remote code on by itself: an adapter folder may come from anyone."""
+    if run_info.get("trust_remote_code") and not trust_remote_code:
+        raise UserError(
+            f"{adapter_dir}: its base {base} was trained with --trust_remote_code (fora_run.json); "
+            "pass --trust_remote_code if you trust that folder's Python code"
+        )
+
+
 def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False, flag: str = "--adapter"):
     """PeftModel for a saved LoRA or FoRA adapter directory; a clear error when it is not one or does not fit.
 
@@ -367,7 +376,7 @@ def load_inference_model(
 
     - an adapter folder (adapter_config.json; a checkpoint-N inside a run works too): its base is
       `base_model`, else the base recorded in fora_run.json, loaded with the recorded dtype,
-      quantization and trust_remote_code; the adapter is merged in unless the base is quantized;
+      quantization (remote code only with the flag); the adapter is merged in unless the base is quantized;
     - a model folder (config.json + weights; merged or fully fine-tuned): loaded as it is;
     - None: the base model itself (`base_model`, else the embedded default).
     Flags given here win over the recorded values. The returned info is fora_run.json (empty if
@@ -414,7 +423,7 @@ def load_inference_model(
     if not torch.cuda.is_available() and dtype_name in ("float16", "bfloat16"):
         dtype_name = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
     dtype = getattr(torch, dtype_name)
-    trust_remote_code = trust_remote_code or bool(info.get("trust_remote_code"))
+    require_remote_code_flag(trust_remote_code, info, model_dir, model_path)
 
     has_tokenizer = adapter and any((Path(adapter) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
     if has_tokenizer:

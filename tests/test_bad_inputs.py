@@ -445,6 +445,26 @@ def test_remote_code_runs_only_when_asked():
     assert not [where for where, call in project_calls() if keyword_is(call, "trust_remote_code", True)]
 
 
+def test_an_adapter_recorded_with_remote_code_does_not_switch_it_on(predict, capsys, tiny_model, tmp_path):
+    """Whoever wrote fora_run.json does not decide to run the base model's Python code: the user's flag does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fora.modeling import write_run_info
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
+    write_run_info(str(adapter), {"base_model": str(tiny_model), "finetuning_type": "lora", "trust_remote_code": True})
+    message = (
+        f"{adapter}: its base {tiny_model} was trained with --trust_remote_code (fora_run.json); "
+        "pass --trust_remote_code if you trust that folder's Python code"
+    )
+    assert predict("--model_dir", adapter) == f"error: {message}"
+    assert error_line(capsys, merge_lora, "--adapter", adapter, "--output_dir", tmp_path / "merged") == f"error: {message}"
+    assert not (tmp_path / "predictions").exists() and not (tmp_path / "merged").exists()
+
+
 def test_every_torch_load_reads_weights_only():
     """A pickled checkpoint can run code as it loads; the project reads safetensors or torch.load(weights_only=True)."""
     unsafe = [
