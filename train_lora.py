@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
 
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer import TRAINER_STATE_NAME
 
     from fora import data, modeling
     from fora.templates import get_template
-    from fora.training import LossPlotCallback, PaddingCollator, SupervisedTrainer, plot_loss, write_json
+    from fora.training import LossPlotCallback, PaddingCollator, SupervisedTrainer, last_checkpoint, plot_loss, write_json
 
     training_args.device  # joins the launcher's process group now, so ranks know who they are
     is_main = training_args.process_index == 0
@@ -39,11 +39,15 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     # 1. Where to write, and where to resume from.
     resume = training_args.resume_from_checkpoint
     if resume in ("auto", "True", "true"):
-        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        resume = last_checkpoint(output_dir)
         if resume is None:
             log(f"--resume_from_checkpoint: no checkpoint in {output_dir} yet; starting from the beginning")
     elif resume and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    elif resume and not Path(resume, TRAINER_STATE_NAME).is_file():
+        raise UserError(f"--resume_from_checkpoint {resume}: an incomplete checkpoint (no {TRAINER_STATE_NAME})")
+    if resume:
+        log(f"Resuming from {resume}")
     previous = [m for m in PREVIOUS_RUN_MARKERS if any(output_dir.glob(m))] if output_dir.is_dir() else []
     if previous and not (training_args.overwrite_output_dir or resume):
         raise UserError(

@@ -1,17 +1,26 @@
-"""Trainer glue: padding collator, supervised-position loss, loss curve, and run results."""
+"""Trainer glue: padding collator, supervised-position loss, atomic checkpoints, loss curve, and run results."""
 
 import inspect
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.data import IGNORE_INDEX
 
 LOSS_CHUNK = 2048  # supervised positions per output-layer chunk
+# Saves are written under this prefix and renamed into place when complete. Nothing that looks for
+# checkpoints (get_last_checkpoint, sort_checkpoints, last_checkpoint) matches a name starting with it.
+STAGING_PREFIX = ".tmp-"
+CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 class PaddingCollator:
@@ -106,6 +115,116 @@ class SupervisedTrainer(Trainer):
         """Share of the training batches' tokens that were padding (this process)."""
         return 1 - float(self.real_tokens) / self.batch_tokens if self.batch_tokens else 0.0
 
+    # --- Atomic checkpoints ------------------------------------------------------------------------
+
+    resumed_from: str | None = None  # the checkpoint this run started from; --save_total_limit keeps it
+    staging_dir: str | None = None  # while set, the Trainer takes it for the run folder and writes the checkpoint in it
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+        self.resumed_from = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return self.staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written whole into OUTPUT_DIR/.tmp-checkpoint-N/ and renamed to
+        checkpoint-N once complete: a save that is killed or fails never leaves a checkpoint to resume from."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
+        staged = os.path.join(staging, name)
+        self._clear_before_writing(staging)
+        self.staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # its own pruning sees only the staging folder
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self.staging_dir = None
+        if self.state.best_model_checkpoint == staged:  # the Trainer found this step best, in the staging folder
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every rank's part (its RNG state, DeepSpeed shards) is written
+        if self.args.should_save:
+            shutil.rmtree(final, ignore_errors=True)  # the same step, saved by an earlier run in this folder
+            os.rename(staged, final)
+            os.rmdir(staging)
+            self._prune_checkpoints(run_dir, newest=final)
+        self.accelerator.wait_for_everyone()
+
+    def _prune_checkpoints(self, run_dir: str, newest: str) -> None:
+        """--save_total_limit: delete the oldest checkpoints, never the newest, the best, or the one resumed from."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        keep = {os.path.realpath(p) for p in (newest, self.state.best_model_checkpoint, self.resumed_from) if p}
+        checkpoints = sort_checkpoints(run_dir)  # oldest step first
+        excess = len(checkpoints) - limit
+        for path in checkpoints:
+            if excess > 0 and os.path.realpath(path) not in keep:
+                shutil.rmtree(path)
+                excess -= 1
+
+    def _finalize_training(self, *args, **kwargs):
+        # With --save_total_limit 1 and a best checkpoint, the Trainer deletes every other checkpoint when
+        # training ends, the one resumed from too; _prune_checkpoints has already kept only what it must.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            return super()._finalize_training(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model, but the final model is written into OUTPUT_DIR/.tmp-model/ and its files are
+        then renamed into OUTPUT_DIR: a save that fails midway leaves no half-written file, and an earlier
+        model there as it was. (Checkpoints, `_internal_call`, are staged whole by _save_checkpoint.)"""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = Path(output_dir or self.args.output_dir)
+        staging = output_dir / f"{STAGING_PREFIX}model"
+        self._clear_before_writing(staging)
+        try:
+            super().save_model(str(staging), _internal_call=True)  # no Hub push before the files are in place
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            for path in staging.iterdir():
+                if (output_dir / path.name).is_dir():
+                    shutil.rmtree(output_dir / path.name)
+                os.replace(path, output_dir / path.name)
+            staging.rmdir()
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _clear_before_writing(self, staging: str | Path) -> None:
+        """Remove what a save killed midway left in `staging`, before any rank writes there."""
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint-N in `output_dir`: one with trainer_state.json, which the Trainer
+    writes last (a checkpoint cut short before saves were atomic has none)."""
+    if not Path(output_dir).is_dir():
+        return None
+    steps = {
+        int(match[1]): path
+        for path in Path(output_dir).iterdir()
+        if (match := CHECKPOINT_NAME.fullmatch(path.name)) and (path / TRAINER_STATE_NAME).is_file()
+    }
+    return str(steps[max(steps)]) if steps else None
+
 
 class LossPlotCallback(TrainerCallback):
     """Writes OUTPUT_DIR/training_loss.png (train and eval loss per step) whenever the Trainer saves and at the end."""
@@ -139,4 +258,7 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
 
 
 def write_json(path: Path, values: dict) -> None:
-    path.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")
+    """Write through a temporary file, so `path` is either the old file or the whole new one."""
+    staging = path.with_name(STAGING_PREFIX + path.name)
+    staging.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(staging, path)

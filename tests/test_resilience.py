@@ -1,0 +1,189 @@
+"""Runs that are killed or fail to save: checkpoints stay whole and resumable.
+
+The reference is one uninterrupted 6-step run (checkpoints at 2, 4, 6); every interrupted run here
+must end with the same adapter, step count and per-step losses.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+import train_lora
+from conftest import REPO
+from fora.errors import UserError
+from fora.training import last_checkpoint
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the in-process runs use one thread too
+STEPS = 6
+# Run train_lora.py as `python train_lora.py ARGS` does, but hang in the save of checkpoint-STEP once
+# its model and optimizer are written (its scheduler, RNG and trainer state are not), and say so.
+HANG_IN_SAVE = """
+import runpy, sys, time
+from pathlib import Path
+from transformers import Trainer
+
+marker, step = Path(sys.argv[1]), int(sys.argv[2])
+save_optimizer = Trainer._save_optimizer_and_scheduler
+
+def save_optimizer_then_hang(self, output_dir):
+    save_optimizer(self, output_dir)
+    if self.state.global_step == step:
+        marker.write_text(output_dir)
+        time.sleep(3600)
+
+Trainer._save_optimizer_and_scheduler = save_optimizer_then_hang
+sys.argv = ["train_lora.py", *sys.argv[3:]]
+runpy.run_path("train_lora.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def flags(model, cache, out, *extra) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--train_file", str(REPO / "data" / "train.json"),
+        "--output_dir", str(out), "--cache_dir", str(cache), "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3", "--max_steps", str(STEPS), "--save_steps", "2", "--logging_steps", "1",
+        "--seed", "7", "--report_to", "none", *extra,
+    ]
+
+
+def train(model, cache, out, *extra) -> None:
+    """train_lora.main in this process (later flags override earlier ones)."""
+    train_lora.main(flags(model, cache, out, *extra))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    train(tiny_model, cache, out)
+    return out
+
+
+def step_losses(out) -> list[tuple[int, float]]:
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+
+def checkpoints(out) -> list[str]:
+    """Checkpoint folders, finished or not."""
+    return sorted(p.name for p in out.iterdir() if "checkpoint-" in p.name)
+
+
+def assert_same_as_uninterrupted(out, reference) -> None:
+    """Same adapter (within 1e-6), same step count, one loss per step 1..N equal to the reference's."""
+    weights, expected = load_file(str(out / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
+    assert weights.keys() == expected.keys()
+    diff = max((weights[k] - expected[k]).abs().max().item() for k in expected)
+    assert diff < 1e-6
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == STEPS
+    losses, expected_losses = step_losses(out), step_losses(reference)
+    assert [step for step, _ in losses] == list(range(1, STEPS + 1))  # no gap, no step twice
+    assert max(abs(a - b) for (_, a), (_, b) in zip(losses, expected_losses)) < 1e-6
+    assert not list(out.glob(".tmp-*"))
+    print(f"{out.name}: max abs adapter difference from the uninterrupted run {diff:.3g}")
+
+
+def test_killed_mid_save_then_resumed_ends_as_the_uninterrupted_run(tmp_path, tiny_model, cache, uninterrupted, capsys):
+    killed, marker, log = tmp_path / "killed", tmp_path / "hanging", tmp_path / "killed.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HANG_IN_SAVE, str(marker), "4", *flags(tiny_model, cache, killed)],
+            cwd=REPO, env={**os.environ, **ONE_THREAD}, stdout=output, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 600  # a guard against hanging forever, not a timing assertion
+    while not marker.exists():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached the save of checkpoint-4"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+    # checkpoint-2 is whole; checkpoint-4 was cut short in its staging folder, which nothing takes for a checkpoint.
+    assert checkpoints(killed) == [".tmp-checkpoint-4", "checkpoint-2"]
+    assert (killed / ".tmp-checkpoint-4" / "checkpoint-4" / "optimizer.pt").is_file()
+    assert not (killed / "adapter_model.safetensors").exists()
+    assert last_checkpoint(killed) == get_last_checkpoint(str(killed)) == str(killed / "checkpoint-2")
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        train(tiny_model, cache, killed, "--resume_from_checkpoint", str(killed / ".tmp-checkpoint-4" / "checkpoint-4"))
+
+    for how in ("explicit", "auto"):
+        out = tmp_path / how
+        shutil.copytree(killed, out)
+        train(tiny_model, cache, out, "--resume_from_checkpoint", str(out / "checkpoint-2") if how == "explicit" else "auto")
+        assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+        assert_same_as_uninterrupted(out, uninterrupted)
+        assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, tiny_model, cache, uninterrupted, monkeypatch):
+    def disk_full_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(28, "No space left on device (injected)")
+        save_optimizer(self, output_dir)
+
+    save_optimizer = Trainer._save_optimizer_and_scheduler
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_4)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="injected"):
+        train(tiny_model, cache, out)
+    assert checkpoints(out) == ["checkpoint-2"]  # no checkpoint-4, and its staging folder is gone
+    assert not (out / "adapter_model.safetensors").exists()
+
+    monkeypatch.undo()
+    train(tiny_model, cache, out, "--resume_from_checkpoint", "auto")
+    assert_same_as_uninterrupted(out, uninterrupted)
+
+
+def test_a_failed_final_save_keeps_the_adapter_that_was_there(tmp_path, tiny_model, cache, monkeypatch):
+    out = tmp_path / "out"
+    train(tiny_model, cache, out, "--max_steps", "1", "--save_strategy", "no")
+    adapter = {name: (out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
+
+    def write_then_fail(self, output_dir=None, state_dict=None):
+        save(self, output_dir, state_dict)  # every file written, then the disk is full
+        raise OSError(28, "No space left on device (injected)")
+
+    save = Trainer._save
+    monkeypatch.setattr(Trainer, "_save", write_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        train(tiny_model, cache, out, "--max_steps", "2", "--save_strategy", "no", "--overwrite_output_dir")
+    assert {name: (out / name).read_bytes() for name in adapter} == adapter
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_save_total_limit_keeps_the_checkpoint_resumed_from_and_the_best(tmp_path, tiny_model, cache, uninterrupted):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    train(tiny_model, cache, resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-2"), "--save_total_limit", "1")
+    assert checkpoints(resumed) == ["checkpoint-2", "checkpoint-6"]
+
+    # Eval loss falls from step to step; taking the highest for best makes the best the oldest checkpoint.
+    best, validation = tmp_path / "best", tmp_path / "validation.json"
+    validation.write_text("".join((REPO / "data" / "test.json").read_text(encoding="utf-8").splitlines(True)[:8]), encoding="utf-8")
+    train(tiny_model, cache, best, "--save_total_limit", "1", "--validation_file", str(validation),
+          "--eval_steps", "2", "--metric_for_best_model", "eval_loss", "--greater_is_better", "True")
+    state = json.loads((best / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(best / "checkpoint-2")
+    assert checkpoints(best) == ["checkpoint-2", "checkpoint-6"]
