@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     # 4. Train.
     training_args.remove_unused_columns = False  # the collator picks its columns; `length` feeds length grouping
     training_args.include_num_input_tokens_seen = "non_padding"
+    # SupervisedTrainer stops at the first NaN/inf loss; the filter would only average such losses away,
+    # reading every micro-batch's loss on the host to do it.
+    training_args.logging_nan_inf_filter = False
     trainer = SupervisedTrainer(
         model=model,
         args=training_args,

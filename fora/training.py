@@ -15,12 +15,14 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.data import IGNORE_INDEX
+from fora.errors import UserError
 
 LOSS_CHUNK = 2048  # supervised positions per output-layer chunk
 # Saves are written under this prefix and renamed into place when complete. Nothing that looks for
 # checkpoints (get_last_checkpoint, sort_checkpoints, last_checkpoint) matches a name starting with it.
 STAGING_PREFIX = ".tmp-"
 CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+NO_BAD_STEP = torch.iinfo(torch.int64).max
 
 
 class PaddingCollator:
@@ -124,6 +126,7 @@ class SupervisedTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(self.args.output_dir)
         self.resumed_from = resume_from_checkpoint or None
+        self.first_nonfinite_step = torch.tensor(NO_BAD_STEP, device=self.args.device)
         return super().train(resume_from_checkpoint, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
@@ -132,6 +135,7 @@ class SupervisedTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written whole into OUTPUT_DIR/.tmp-checkpoint-N/ and renamed to
         checkpoint-N once complete: a save that is killed or fails never leaves a checkpoint to resume from."""
+        self.stop_if_training_diverged(check_weights=True)
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final, staging = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
@@ -186,6 +190,7 @@ class SupervisedTrainer(Trainer):
         model there as it was. (Checkpoints, `_internal_call`, are staged whole by _save_checkpoint.)"""
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
+        self.stop_if_training_diverged(check_weights=True)
         output_dir = Path(output_dir or self.args.output_dir)
         staging = output_dir / f"{STAGING_PREFIX}model"
         self._clear_before_writing(staging)
@@ -211,6 +216,44 @@ class SupervisedTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+    # --- Stopping when training diverges --------------------------------------------------------
+
+    first_nonfinite_step = torch.tensor(NO_BAD_STEP)  # the first step whose loss was NaN/inf; per run, on the device
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Kept on the device: reading it costs a device-to-host sync, so it is read only where the
+        # Trainer syncs anyway (when it logs the loss) and before anything is saved.
+        step = self.state.global_step + 1
+        self.first_nonfinite_step = torch.where(
+            loss.isfinite(), self.first_nonfinite_step, self.first_nonfinite_step.clamp(max=step)
+        )
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "train_loss" in logs:  # a training log, or the run's summary
+            self.stop_if_training_diverged()
+        super().log(logs, start_time)
+
+    def stop_if_training_diverged(self, check_weights: bool = False) -> None:
+        """Raise at the first step whose loss was NaN/inf on any rank, before it is logged or saved.
+
+        Before a save, `check_weights` also stops if the trained weights are NaN/inf: an update can
+        make them so while its own loss was finite (NaN gradients), and the next loss would be too late.
+        """
+        bad_step = self.first_nonfinite_step.to(self.args.device)
+        if check_weights:
+            trained = [p.isfinite().all().to(bad_step.device) for p in self.model.parameters() if p.requires_grad]
+            bad_step = torch.where(torch.stack(trained).all(), bad_step, bad_step.clamp(max=self.state.global_step))
+        step = self.accelerator.gather(bad_step).min().item()
+        if step != NO_BAD_STEP:
+            kept = last_checkpoint(self.args.output_dir)
+            raise UserError(
+                f"step {step}: training diverged (NaN or infinite loss or weights); stopped without saving this "
+                f"step or any later one ({f'last checkpoint: {kept}' if kept else 'no checkpoint was saved'}). "
+                "Usual causes: too high a --learning_rate, or fp16 overflow"
+            )
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Runs that are killed or fail to save: checkpoints stay whole and resumable.
+"""Runs that are killed, fail to save, or diverge: checkpoints stay whole and resumable.
 
 The reference is one uninterrupted 6-step run (checkpoints at 2, 4, 6); every interrupted run here
 must end with the same adapter, step count and per-step losses.
@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import train_lora
 from conftest import REPO
-from fora.errors import UserError
+from fora.errors import UserError, exit_on_user_error
 from fora.training import last_checkpoint
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the in-process runs use one thread too
@@ -187,3 +187,28 @@ def test_save_total_limit_keeps_the_checkpoint_resumed_from_and_the_best(tmp_pat
     state = json.loads((best / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] == str(best / "checkpoint-2")
     assert checkpoints(best) == ["checkpoint-2", "checkpoint-6"]
+
+
+@pytest.mark.parametrize(
+    "save_flags, bad_step, kept",
+    [
+        # lr 1e20: step 2's gradients are NaN, its loss finite, its update NaN: the save of step 2 refuses.
+        (["--save_steps", "1"], 2, ["checkpoint-1"]),
+        # No saves: step 3's NaN loss stops the run when it is logged.
+        (["--save_strategy", "no"], 3, []),
+    ],
+    ids=["at-save", "at-log"],
+)
+def test_a_diverging_run_stops_at_the_step_and_saves_nothing_after_it(tmp_path, tiny_model, cache, capsys, save_flags, bad_step, kept):
+    out = tmp_path / "out"
+    argv = flags(tiny_model, cache, out, "--use_lora", "False", "--learning_rate", "1e20", *save_flags)
+    with pytest.raises(SystemExit) as stopped:
+        exit_on_user_error(lambda: train_lora.main(argv))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: step {bad_step}: training diverged") and "Traceback" not in err
+    assert checkpoints(out) == kept
+    assert not (out / "model.safetensors").exists() and not (out / "train_results.json").exists()
+    for name in kept:
+        assert all(w.isfinite().all() for w in load_file(str(out / name / "model.safetensors")).values())
