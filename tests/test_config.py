@@ -123,7 +123,7 @@ def test_command_line_wins_over_lora_config(out, lora_config):
 def test_adapter_defaults_without_a_file(out):
     finetuning = parse(out)[2]
     assert finetuning.finetuning_type == "lora"
-    assert (finetuning.lora_rank, finetuning.lora_alpha, finetuning.lora_dropout) == (8, 16, 0.05)
+    assert (finetuning.lora_rank, finetuning.lora_alpha, finetuning.lora_dropout) == (8, 16, 0.0)
     assert finetuning.lora_target is None and finetuning.modules_to_save is None
     assert parse(out, "--lora_rank", "4")[2].lora_alpha == 8
 
