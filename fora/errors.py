@@ -15,8 +15,10 @@ class UserError(Exception):
 
 def exit_on_user_error(main: Callable[[], object]) -> None:
     """Run an entry point: a user's mistake is one line on stderr and exit code 2; anything else is a bug."""
+    from tqdm import tqdm
+
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        tqdm.write(f"error: {error}", file=sys.stderr)  # on a line of its own, also when a progress bar is open
         sys.exit(2)
