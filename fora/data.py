@@ -13,6 +13,7 @@ A file may be a JSON array or JSON Lines whatever its suffix. A mistake in the d
 with one line naming the file, the line (JSON Lines) or record (JSON array), and the field.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -364,11 +365,19 @@ def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) ->
         num_proc=data_args.preprocessing_num_workers if len(rows) >= 64 else None,
         desc=f"Tokenizing {Path(path).name}",
     )
-    # Write to a temporary folder and rename, so an interrupted run never leaves half a cache.
+    # Write to a temporary folder and rename, so an interrupted run never leaves half a cache. The
+    # folder it replaces is renamed away, not deleted in place, so a run building the same cache at
+    # the same moment never finds a half-deleted one.
     partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    stale = cache.with_name(cache.name + f".stale{os.getpid()}")
     dataset.save_to_disk(str(partial))
-    shutil.rmtree(cache, ignore_errors=True)
-    partial.rename(cache)
+    with contextlib.suppress(FileNotFoundError):
+        cache.rename(stale)
+    try:
+        partial.rename(cache)
+    except OSError:  # another run put the same cache there in between: keep that one
+        shutil.rmtree(partial)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _cache_key(path: str, tokenizer, template, data_args) -> str:
