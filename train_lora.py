@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
 
     # 4. Train.
     training_args.remove_unused_columns = False  # the collator picks its columns; `length` feeds length grouping
-    training_args.include_num_input_tokens_seen = "non_padding"
     # SupervisedTrainer stops at the first NaN/inf loss; the filter would only average such losses away,
     # reading every micro-batch's loss on the host to do it.
     training_args.logging_nan_inf_filter = False
@@ -105,6 +104,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
 
     # 5. Save the adapter (or model), what training decided, and the results.
     trainer.save_model(str(output_dir))
+    real_tokens, batch_tokens = trainer.trained_tokens()
     if is_main:
         modeling.write_run_info(
             str(output_dir),
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         results = {
             **result.metrics,
             "global_step": result.global_step,
-            "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
-            "pad_fraction": round(trainer.pad_fraction(), 4),
+            "num_input_tokens_seen": real_tokens,  # this run's, without padding
+            "pad_fraction": round(1 - real_tokens / max(batch_tokens, 1), 4),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "final_loss": losses[-1] if losses else result.training_loss,

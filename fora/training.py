@@ -113,9 +113,16 @@ class SupervisedTrainer(Trainer):
                 loss = loss * self.args.world_size  # ranks' gradients are averaged; undo that for a token mean
         return (loss, outputs) if return_outputs else loss
 
-    def pad_fraction(self) -> float:
-        """Share of the training batches' tokens that were padding (this process)."""
-        return 1 - float(self.real_tokens) / self.batch_tokens if self.batch_tokens else 0.0
+    def trained_tokens(self) -> tuple[int, int]:
+        """Real (not padding) and all tokens of this run's training batches, summed over the ranks.
+
+        Counted here instead of by the Trainer's include_num_input_tokens_seen, which gathers and
+        reads the count back to the host at every step.
+        """
+        device = self.args.device
+        counts = torch.stack([torch.as_tensor(self.real_tokens, device=device), torch.tensor(self.batch_tokens, device=device)])
+        real, total = self.accelerator.gather(counts).view(-1, 2).sum(0).tolist()
+        return real, total
 
     # --- Atomic checkpoints ------------------------------------------------------------------------
 

@@ -92,7 +92,7 @@ def test_switched_off_it_computes_full_logits_with_the_same_loss(adapted, tokeni
     assert off.compute_loss(adapted, batch).item() == pytest.approx(on.compute_loss(adapted, batch).item(), abs=1e-5)
 
 
-def test_pad_fraction_counts_the_training_batches(adapted, tokenizer):
+def test_real_and_padded_tokens_of_the_training_batches_are_counted(adapted, tokenizer):
     batch = random_batch(adapted.config.vocab_size, tokenizer.pad_token_id)  # 3 x 23 tokens, 49 real
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SupervisedTrainer(model=adapted, args=TrainArguments(output_dir=scratch, report_to="none"))
@@ -101,4 +101,4 @@ def test_pad_fraction_counts_the_training_batches(adapted, tokenizer):
     trainer.compute_loss(adapted, batch)
     adapted.eval()
     trainer.compute_loss(adapted, batch)  # evaluation batches are not counted
-    assert trainer.pad_fraction() == pytest.approx(1 - 49 / 69)
+    assert trainer.trained_tokens() == (2 * 49, 2 * 69)
