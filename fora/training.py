@@ -76,6 +76,10 @@ class SupervisedTrainer(Trainer):
     Models whose forward takes `logits_to_keep` (every transformers-native causal LM) return the
     final hidden states and one position of logits; the output layer then runs on the supervised
     positions only. Remote-code models without it get their full logits reduced the same way.
+
+    Batches come right-padded (PaddingCollator). A causal model's real tokens never attend to the
+    padding after them, so native models get no padding mask: their attention takes its causal
+    fast path, and the padding's own outputs are never trained (label -100).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
@@ -85,9 +89,9 @@ class SupervisedTrainer(Trainer):
         # Let the Trainer count supervised tokens over the accumulated batch (and across ranks).
         self.model_accepts_loss_kwargs = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.head_on_selected = getattr(self.args, "supervised_logits", True) and (
-            "logits_to_keep" in inspect.signature(base.forward).parameters
-        )
+        native = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.head_on_selected = native and getattr(self.args, "supervised_logits", True)
+        self.drop_padding_mask = native  # remote code may read the mask for more than attention
         # Tokens in the training batches this process built, and how many were real (not padding);
         # the real count stays a tensor on the device so counting never waits for the accelerator.
         self.batch_tokens, self.real_tokens = 0, 0
@@ -97,7 +101,9 @@ class SupervisedTrainer(Trainer):
         if model.training:
             self.batch_tokens += inputs["attention_mask"].numel()
             self.real_tokens = self.real_tokens + inputs["attention_mask"].sum()
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        model_inputs = {"input_ids": inputs["input_ids"]}
+        if not self.drop_padding_mask:
+            model_inputs["attention_mask"] = inputs["attention_mask"]
         if self.head_on_selected:
             outputs = model(**model_inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
