@@ -31,8 +31,6 @@ output layer for the supervised tokens only (4 x vocab x width each).
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -48,6 +46,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from fora.modeling import release_freed_memory  # noqa: E402
 
 SECTIONS = ("peak", "parity", "train", "ablate", "predict", "scaling")
 
@@ -92,15 +92,9 @@ def peak_matmul_rate(dtype: torch.dtype, seconds: float = 2.0) -> float:
     return best
 
 
-def release_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def reset_peak_memory() -> None:
     """Start a new resident-memory high-water mark (Linux: writing 5 to clear_refs resets VmHWM)."""
-    release_memory()
+    release_freed_memory()
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
@@ -268,7 +262,7 @@ def heldout_loss(model_path: str, adapter: Path, samples, quantization_bit: int 
             total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
             count += int(labels.ne(-100).sum())
     del model, base
-    release_memory()
+    release_freed_memory()
     return total / count
 
 

@@ -61,6 +61,22 @@ def tokenizer(tiny_model):
     return load_tokenizer(str(tiny_model))
 
 
+# One CPU thread for tests that run models: on a small shared machine, OpenMP threads spinning
+# against other processes made a forward pass up to 20x slower. Results do not depend on it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread in this process for the module (use: pytestmark = usefixtures("one_thread"))."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_script(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command the way a user would; returns the finished process (check returncode yourself)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -23,24 +23,15 @@ import merge_lora
 import predict_fora
 import train_lora
 from config import MergeArguments, ModelArguments, PredictArguments, parse_args
-from conftest import REPO, run_script, write_jsonl
+from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 from fora.errors import exit_on_user_error
 
 ALPACA = {"instruction": "Extract the triples.", "input": "The pump leaks.", "output": "pump_部件故障_leaks"}
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # A JSON array whose line 3 lacks a comma.
 MALFORMED_ARRAY = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a small shared machine, OpenMP threads spinning against other processes slow a forward pass many times.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

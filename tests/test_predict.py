@@ -7,23 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, run_script, write_jsonl
+from conftest import ONE_THREAD, REPO, SHARED_DATA, run_script, write_jsonl
 from fora.errors import UserError
 
 TEST_DATA = REPO / "data" / "test.json"
-# One CPU thread: on a small shared machine, OpenMP threads spinning against other processes made
-# a forward pass up to 20x slower. Results do not depend on it.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_jsonl(path: Path) -> list[dict]:

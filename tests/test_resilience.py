@@ -17,7 +17,6 @@ import time
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -56,12 +55,7 @@ runpy.run_path("train_lora.py", run_name="__main__")
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
