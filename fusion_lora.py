@@ -30,6 +30,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
+from fora.adapters import add_scaled_product
+
 
 class ForaLinearVariant(LoraVariant):
     """The FoRA math for one adapter of a LoRA linear layer (plain, 4-bit or 8-bit base)."""
@@ -84,7 +86,7 @@ class ForaLinearVariant(LoraVariant):
         # has already cast x to lora_A's dtype (bnb layers skip that under CUDA autocast, which casts per matmul).
         A, B, C, D, E = (getattr(module, f"lora_{name}")[active_adapter] for name in "ABCDE")
         ax = A(module.lora_dropout[active_adapter](x))
-        return result + D(ax + E(ax) + C(B(ax))) * module.scaling[active_adapter]
+        return add_scaled_product(result, ax + E(ax) + C(B(ax)), D.weight, module.scaling[active_adapter])
 
 
 class _ForaLayer:

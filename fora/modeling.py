@@ -272,6 +272,8 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
     """Wrap `model` with a LoRA or FoRA adapter (or leave it whole for full fine-tuning)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from fora.adapters import use_addmm_layers
+
     if finetuning_args.finetuning_type == "full":
         return model
     if getattr(model, "is_quantized", False):
@@ -297,6 +299,8 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
         config = ForaConfig(mid_ratio=finetuning_args.fora_mid_ratio, **common)
     else:
         config = LoraConfig(**common)
+        if not getattr(model, "is_quantized", False):
+            config = use_addmm_layers(config)
     return get_peft_model(model, config)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
@@ -45,29 +45,64 @@ class PaddingCollator:
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
-def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the positions whose label is trained, and their count.
 
     `states` are the final hidden states (then `head` is the output layer) or the logits (`head`
-    is None). Only supervised positions go through the head, in checkpointed chunks, so the
-    batch × length × vocabulary logits are never built and each chunk's logits are freed after use.
+    is None). Only supervised positions go through the head, LOSS_CHUNK rows at a time, so the
+    batch × length × vocabulary logits are never built (see HeadCrossEntropy).
     """
     targets = labels[:, 1:]
     positions = targets.ne(IGNORE_INDEX)
     selected = states[:, :-1][positions]
     selected_targets = targets[positions]
-    total = states.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], LOSS_CHUNK):
-        chunk, chunk_targets = selected[start : start + LOSS_CHUNK], selected_targets[start : start + LOSS_CHUNK]
-        if head is None:
-            total = total + F.cross_entropy(chunk.float(), chunk_targets, reduction="sum")
-        else:
-            total = total + checkpoint(_head_loss, chunk, chunk_targets, head, use_reentrant=False)
+    if head is None:
+        total = F.cross_entropy(selected.float(), selected_targets, reduction="sum")
+    else:
+        total = HeadCrossEntropy.apply(selected, head.weight, head.bias, selected_targets, torch.is_grad_enabled())
     return total, positions.sum()
 
 
-def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(F.linear(hidden, weight, bias), targets)), with its gradients taken in the same pass.
+
+    Per chunk of LOSS_CHUNK rows: logits, log-normaliser, loss, then d loss / d logits = softmax − one-hot,
+    which is multiplied into the gradients of hidden (and of weight and bias when they train) at once.
+    The chunk's logits are freed before the next one, and backward only scales the stored gradients:
+    autograd's own backward would keep every chunk's logits until then, or recompute them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, with_grad: bool):
+        grads = [with_grad and need for need in ctx.needs_input_grad[:3]]
+        grad_hidden = torch.empty_like(hidden) if grads[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if grads[2] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK):
+            rows = slice(start, start + LOSS_CHUNK)
+            chunk, chunk_targets = hidden[rows], targets[rows]
+            logits = F.linear(chunk, weight, bias).float()
+            log_norm = logits.logsumexp(dim=-1)
+            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            if not any(grads):
+                continue
+            d_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+            d_logits[torch.arange(len(chunk_targets), device=d_logits.device), chunk_targets] -= 1
+            if grad_hidden is not None:
+                grad_hidden[rows] = d_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += d_logits.t() @ chunk.float()
+            if grad_bias is not None:
+                grad_bias += d_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None)
 
 
 class SupervisedTrainer(Trainer):
@@ -75,7 +110,9 @@ class SupervisedTrainer(Trainer):
 
     Models whose forward takes `logits_to_keep` (every transformers-native causal LM) return the
     final hidden states and one position of logits; the output layer then runs on the supervised
-    positions only. Remote-code models without it get their full logits reduced the same way.
+    positions only. Remote-code models without it, and output layers that are not a plain
+    nn.Linear (adapted, quantized or wrapped by modules_to_save), get their full logits reduced
+    the same way.
 
     Batches come right-padded (PaddingCollator). A causal model's real tokens never attend to the
     padding after them, so native models get no padding mask: their attention takes its causal
@@ -90,7 +127,8 @@ class SupervisedTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         native = "logits_to_keep" in inspect.signature(base.forward).parameters
-        self.head_on_selected = native and getattr(self.args, "supervised_logits", True)
+        plain_head = type(base.get_output_embeddings()) is nn.Linear
+        self.head_on_selected = native and plain_head and getattr(self.args, "supervised_logits", True)
         self.drop_padding_mask = native  # remote code may read the mask for more than attention
         # Tokens in the training batches this process built, and how many were real (not padding);
         # the real count stays a tensor on the device so counting never waits for the accelerator.

@@ -68,6 +68,29 @@ def test_supervised_positions_give_the_full_loss_and_gradients(adapted, tokenize
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [training.LOSS_CHUNK, 3])
+def test_head_loss_gives_autograds_gradients_for_hidden_weight_and_bias(monkeypatch, chunk):
+    """Full fine-tuning trains the output layer too: its weight and bias gradients must match autograd's."""
+    monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(8, 50)
+    targets = torch.randint(0, 50, (10,), generator=generator)
+
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    expected_grads = torch.autograd.grad(3 * expected, (hidden, head.weight, head.bias))
+    loss = training.HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, True)
+    grads = torch.autograd.grad(3 * loss, (hidden, head.weight, head.bias))
+
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        assert training.HeadCrossEntropy.apply(hidden, head.weight, None, targets, False).item() == pytest.approx(
+            torch.nn.functional.cross_entropy(hidden @ head.weight.T, targets, reduction="sum").item(), rel=1e-6
+        )
+
+
 def test_accumulated_batches_divide_by_the_tokens_of_all_of_them(adapted, tokenizer):
     """With gradient accumulation the Trainer passes the trained-token count of the whole step."""
     batch = random_batch(adapted.config.vocab_size, tokenizer.pad_token_id)
