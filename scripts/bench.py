@@ -8,7 +8,8 @@ Everything runs in this one process, on identical samples, one after the other:
   peak     the best matrix-multiply rate of this machine in float32 and bfloat16 (MFU denominators)
   parity   the loss of both training paths on one identical first batch, fresh adapter
   train    train_lora.py's main() (the project: length-grouped batches, logits and loss only at
-           supervised positions, no gradient checkpointing) vs the stock recipe (plain HF Trainer +
+           supervised positions with their gradients taken in the same pass, the adapter added
+           inside one addmm, no padding mask, no gradient checkpointing) vs the stock recipe (plain HF Trainer +
            PEFT, gradient checkpointing on, DataCollatorForSeq2Seq, batches in data order, logits over
            the whole vocabulary at every position) for LoRA r8, FoRA r2 and QLoRA (4-bit NF4 base);
            the first --records records of ../shared/data/spo_0.json, cutoff 1024 (prompt 768 +
@@ -383,6 +384,30 @@ def scaling_rates(model_path: str, samples, tokenizer, setting: Setting) -> list
 # The report.
 
 
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    """`owner.name` is `value` inside the block: an optimisation with no flag, turned off for an ablation."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def recomputed_head_loss(hidden, weight, bias, targets, with_grad):
+    """The supervised head loss the plain autograd way: each chunk checkpointed, its logits recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fora.training import LOSS_CHUNK
+
+    def chunk_loss(chunk, chunk_targets):
+        return F.cross_entropy(F.linear(chunk, weight, bias).float(), chunk_targets, reduction="sum")
+
+    chunks = range(0, hidden.shape[0], LOSS_CHUNK)
+    return sum(checkpoint(chunk_loss, hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK], use_reentrant=False) for i in chunks)
+
+
 def table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -470,14 +495,20 @@ def main() -> None:
         header = ["project LoRA r8 with ...", "samples/s", "real tok/s", "pad", "peak GB", "train loss", "eval loss", "MFU"]
         base = runs.get("lora") or run_project(train_file, work / "project-lora", work / "cache", "lora")
         rows = [training_row("everything on", base, epoch_flops, peak_rate, None)]
+        from fora import adapters, training
+
+        no_change = contextlib.nullcontext
         ablations = {
-            "gradient checkpointing on": ("--gradient_checkpointing",),
-            "batches in random order": ("--group_by_length", "False"),
-            "full logits": ("--supervised_logits", "False"),
-            "adapter dropout 0.05 (the old default)": ("--lora_dropout", "0.05"),
+            "gradient checkpointing on": (("--gradient_checkpointing",), no_change()),
+            "batches in random order": (("--group_by_length", "False"), no_change()),
+            "full logits": (("--supervised_logits", "False"), no_change()),
+            "adapter dropout 0.05 (the old default)": (("--lora_dropout", "0.05"), no_change()),
+            "PEFT's LoRA layers (no addmm)": ((), patched(adapters, "use_addmm_layers", lambda config: config)),
+            "head loss by autograd, logits recomputed": ((), patched(training.HeadCrossEntropy, "apply", recomputed_head_loss)),
         }
-        for name, flags in ablations.items():
-            run = run_project(train_file, work / "ablation", work / "cache", "lora", *flags)
+        for name, (flags, change) in ablations.items():
+            with change:
+                run = run_project(train_file, work / "ablation", work / "cache", "lora", *flags)
             slower = (base["samples"] / base["runtime"]) / (run["samples"] / run["runtime"])
             rows.append(training_row(name, run, epoch_flops, peak_rate, None) + [f"{slower:.2f}x"])
         rows[0].append("1.00x")
