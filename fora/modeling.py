@@ -276,7 +276,8 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
 
     if finetuning_args.finetuning_type == "full":
         return model
-    if getattr(model, "is_quantized", False):
+    quantized = getattr(model, "is_quantized", False)
+    if quantized:
         # PEFT upcasts every fp16/bf16 weight left unquantized (embeddings, output layer, norms) to fp32,
         # which guards fp16's narrow range. bf16 has fp32's range, so bf16 weights are held out of that
         # upcast: at 1.1B parameters it would add 0.5 GB (the fp32 copies of embeddings and output layer).
@@ -299,7 +300,7 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
         config = ForaConfig(mid_ratio=finetuning_args.fora_mid_ratio, **common)
     else:
         config = LoraConfig(**common)
-        if not getattr(model, "is_quantized", False):
+        if not quantized:
             config = use_addmm_layers(config)
     return get_peft_model(model, config)
 
