@@ -78,9 +78,22 @@ def trained_lora(tiny_model, tmp_path_factory) -> Path:
 # --- fora/generate.py ---------------------------------------------------------------------------
 
 
-def test_batched_greedy_equals_one_at_a_time():
-    """Left padding + attention mask: every batch size gives the same greedy tokens, in input order,
-    with per-record budgets, and each row is cut before its first stop token.
+def alone(model, tokenizer, prompt: list[int], stop: list[int], budget: int, num_beams: int = 1) -> list[int]:
+    """One prompt through `model.generate` by itself (no padding, no shared cache): the reference."""
+    import torch
+
+    from fora import generate
+
+    config = generate.generation_config(tokenizer, stop, num_beams=num_beams)
+    config.max_new_tokens = budget
+    new = model.generate(input_ids=torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+    return new[: next((k for k, token in enumerate(new) if token in stop), len(new))]
+
+
+def test_batched_greedy_equals_one_at_a_time(monkeypatch):
+    """Batches (shared prefix encoded once, the rest in length-sorted chunks, one cache per batch)
+    give the same greedy tokens as each prompt alone, in input order, with per-record budgets, and
+    each row is cut before its first stop token.
 
     On the embedded SmolLM2-135M-Instruct: the tiny random models repeat one token per row, which
     would make this comparison nearly vacuous; a trained model's varied tokens and realistic logit
@@ -95,13 +108,15 @@ def test_batched_greedy_equals_one_at_a_time():
     # Six prompts of six different lengths, so every batch is padded, and budgets of 4 to 8 tokens.
     prompts = [generate.build_prompt(tokenizer, template, c, 30 + 9 * i, 512)[0] for i, c in enumerate(conversations[:6])]
     assert len({len(p) for p in prompts}) == 6
+    assert generate.takes_reserved_cache(model) and len(generate.SharedPrefix.encode(model, prompts, "cpu").ids) > 20
     budgets = [4 + (i * 3) % 5 for i in range(6)]
     stop = template.stop_token_ids(tokenizer)
 
-    single = [generate.generate_ids(model, tokenizer, [p], stop, b, progress=False)[0] for p, b in zip(prompts, budgets)]
+    single = [alone(model, tokenizer, p, stop, b) for p, b in zip(prompts, budgets)]
     assert [len(s) for s in single] == budgets  # no EOS this early: every row spends its own budget
     assert len({t for s in single for t in s}) > 12  # varied tokens, not one repeated
-    for batch_size in (4, 6):
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 100)  # chunks of one to three rows
+    for batch_size in (1, 4, 6):
         assert generate.generate_ids(model, tokenizer, prompts, stop, budgets, batch_size, progress=False) == single
 
     # Stop at a token some row produces mid-answer: every row ends just before its first occurrence.
@@ -109,6 +124,58 @@ def test_batched_greedy_equals_one_at_a_time():
     expected = [s[: s.index(single[row][k])] if single[row][k] in s else s for s in single]
     assert expected[row] == single[row][:k]
     assert generate.generate_ids(model, tokenizer, prompts, [single[row][k]], budgets, 6, progress=False) == expected
+
+
+@pytest.mark.parametrize("common", [[5, 6, 7, 8], []], ids=["shared-prefix", "no-shared-prefix"])
+def test_prefill_cache_holds_what_each_prompt_computes_alone(tiny_model, monkeypatch, common):
+    """Each row's columns of the batch cache ([prefix | gap | rest], every column but the last)
+    hold the keys and values its prompt gives in a plain forward pass by itself."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    from fora import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[100 + n, *common, *torch.randint(10, 500, (n,), generator=generator).tolist()] for n in (8, 6, 6, 2, 1)]
+    if common:  # the prompts then share the common part and not the first token: put that first
+        prompts = [p[1:] for p in prompts]
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 16)  # chunks of 1, 2 and 2 rows
+    with torch.inference_mode():
+        shared = generate.SharedPrefix.encode(model, prompts, "cpu")
+        assert shared.ids == common
+        input_ids, attention_mask, cache = shared.prefill(model, prompts, pad_id=0, new_tokens=4)
+        width = input_ids.shape[1]
+        assert width == max(map(len, prompts)) and cache.get_seq_length() == width - 1
+        for row, prompt in enumerate(prompts):
+            assert input_ids[row][attention_mask[row].bool()].tolist() == prompt
+            reference = DynamicCache()
+            model(input_ids=torch.tensor([prompt]), past_key_values=reference, use_cache=True)
+            own = attention_mask[row, : width - 1].nonzero().squeeze(-1)
+            gap = (attention_mask[row, : width - 1] == 0).nonzero().squeeze(-1)
+            for layer, expected in zip(cache.layers, reference.layers):
+                torch.testing.assert_close(layer.keys[row][:, own], expected.keys[0, :, : len(prompt) - 1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(layer.values[row][:, own], expected.values[0, :, : len(prompt) - 1], atol=1e-5, rtol=1e-5)
+                # The gap is masked; it must still be finite (a masked NaN would poison attention).
+                assert layer.keys[row][:, gap].isfinite().all() and layer.values[row][:, gap].isfinite().all()
+
+
+def test_beam_search_takes_the_plain_batches(tiny_model):
+    """generate() cannot widen a given cache for beams: beam search runs left-padded batches and
+    still equals each prompt searched alone (equal budgets)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fora import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 500, (n,), generator=generator).tolist() for n in (5, 9, 3)]
+    config = generate.generation_config(tokenizer, [0], num_beams=2)
+    expected = [alone(model, tokenizer, p, [0], 6, num_beams=2) for p in prompts]
+    assert generate.generate_ids(model, tokenizer, prompts, [0], 6, 3, config, progress=False) == expected
 
 
 def test_build_prompt_keeps_the_question_when_history_is_long(tokenizer):
