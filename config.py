@@ -510,7 +510,7 @@ class PredictArguments:
             "aliases": ["--per_device_eval_batch_size"],
             "help": "Prompts decoded together (grouped by length). Their common start is encoded once and the rest "
             "in length-sorted chunks, so a larger batch costs mostly KV-cache memory (rows x (prompt + new tokens)) "
-            "and decodes faster: on a 2-core CPU, 32 is about 1.7x faster than 8 with SmolLM2-135M. Greedy output "
+            "and decodes faster: on a 2-core CPU, 32 was 1.5x faster than 8 with SmolLM2-135M. Greedy output "
             "does not depend on it.",
         },
     )
