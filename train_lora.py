@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     log(f"Training records: {len(train_dataset)}" + (f", validation records: {len(eval_dataset)}" if eval_dataset else ""))
 
     # 3. Model and adapter, seeded so the same flags give the same adapter.
-    model = modeling.load_model(model_path, dtype, model_args.trust_remote_code, model_args.quantization_bit)
+    model = modeling.load_model(
+        model_path, dtype, model_args.trust_remote_code, model_args.quantization_bit,
+        unmap_freed_memory=model_args.unmap_freed_memory,
+    )
     if model_args.quantization_bit:
         log(f"Base model loaded in {model_args.quantization_bit}-bit "
             f"({'NF4, double quantization' if model_args.quantization_bit == 4 else 'LLM.int8'}), compute dtype {dtype}")

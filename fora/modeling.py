@@ -122,11 +122,13 @@ def load_model(
     trust_remote_code: bool = False,
     quantization_bit: int | None = None,
     flag: str = "--model_name_or_path",
+    unmap_freed_memory: bool = True,
 ):
     """The base model in `dtype`, or quantized to 4-bit NF4 / 8-bit with `dtype` as compute dtype.
 
     A quantized base on CPU is read with `pread` instead of memory-mapping its safetensors files
-    (see `_pread_state_dict`), and the memory freed by quantizing is handed back to the system.
+    (see `_pread_state_dict`), and the memory freed by quantizing is handed back to the system;
+    with `unmap_freed_memory`, so is every large block freed from then on (see `return_large_frees_to_system`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +140,8 @@ def load_model(
         kwargs["device_map"] = {"": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"}
     try:
         if quantization_bit and not torch.cuda.is_available():
-            return_large_frees_to_system()
+            if unmap_freed_memory:
+                return_large_frees_to_system()
             model = _load_quantized_without_mmap(model_path, kwargs)
             if model is None:  # remote code, .bin or pre-quantized checkpoints: transformers' own loading
                 model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
@@ -222,8 +225,10 @@ def return_large_frees_to_system(threshold: int = 1 << 20) -> None:
     so after loading, the per-layer temporaries of quantizing, dequantizing and backward (4-45 MB)
     come from malloc's heaps, and freed ones stay resident: at 1.1B parameters the 4-bit run's
     RssAnon grew by 1 GB over two steps without holding any more live tensors. Setting the
-    threshold (M_MMAP_THRESHOLD) fixes it and turns that adjustment off. Process-wide; no-op
-    outside glibc. Used where the model lives in host memory (quantized on CPU).
+    threshold (M_MMAP_THRESHOLD) fixes it and turns that adjustment off. The price is a page fault
+    per 4 KB of every new large block (SmolLM2-135M steps 1.6x slower on 2 cores), hence the
+    `--unmap_freed_memory` flag. Process-wide and for the rest of the process; no-op outside glibc.
+    Used where the model lives in host memory (quantized on CPU).
     """
     import ctypes
 
