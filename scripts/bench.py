@@ -490,7 +490,7 @@ def main() -> None:
             rows.append(training_row(f"stock {label}", stock, epoch_flops, peak_rate, stock_loss))
             projects = {label: ()}
             if variant == "qlora":  # both sides of its memory/speed flag; the default last (its setting sticks)
-                projects = {f"{label}, --unmap_freed_memory False": ("--unmap_freed_memory", "False"), label: ()}
+                projects = {f"{label}, --unmap_freed_memory False": ("--unmap_freed_memory", "False"), f"{label} (default)": ()}
             for name, flags in projects.items():
                 project = runs[variant] = run_project(train_file, work / f"project-{variant}", work / "cache", variant, *flags)
                 loss = heldout_loss(model_path, project["adapter"], heldout, bits)
