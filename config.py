@@ -60,7 +60,7 @@ class ModelArguments:
             "keeping it in its heap. Peak memory stays lower (SmolLM2-135M at 4 x 545 tokens: 3.5 GB against 6.0 GB; "
             "1.1B at batch 1 x 128: 2.2 GB against 3.1-3.3 GB, which otherwise grows step by step), but every new "
             "activation is page-faulted in again: on the 2-core test machine one step of the former shape is 1.6x "
-            "slower, the benchmark's epoch of 200 records 1.15x. --unmap_freed_memory False trades the memory for the speed. "
+            "slower, the benchmark's epoch of 200 records 1.02-1.15x. --unmap_freed_memory False trades the memory for the speed. "
             "No effect on GPU or with an unquantized base."
         },
     )
