@@ -5,11 +5,12 @@ tensor (the product, the scaling, the sum) and one more in backward (scaling the
 CPU those passes over a batch x length x 1536 activation cost as much as the rank-8 products. Here
 the scaling goes into the small (out x r) factor and the sum into `addmm`: one pass. The adapter,
 its weights and its saved files are PEFT's own; only the forward differs, so a saved adapter loads
-in plain PEFT unchanged. Registered for unquantized nn.Linear targets (`use_addmm_layers`).
+in plain PEFT unchanged. Registered for nn.Linear and bitsandbytes 4-bit targets (`use_addmm_layers`).
 """
 
 import torch
 from peft import LoraConfig
+from peft.import_utils import is_bnb_4bit_available
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
@@ -20,7 +21,10 @@ def add_scaled_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch
 
     `result` is promoted to hidden's dtype first, as `result + product` would promote it.
     """
-    product_weight = (weight * scaling).t()  # (r x out): scaling the factor, not the output
+    # (r x out), scaling the factor, not the output. Made row-major because addmm's backward gives the
+    # factor's gradient the factor's layout: for a transposed one it computes grad^T @ hidden, an
+    # (out x rows) @ (rows x r) product that runs 2-3x slower on a CPU than hidden^T @ grad.
+    product_weight = (weight * scaling).t().contiguous()
     rows = torch.addmm(result.to(hidden.dtype).reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), product_weight)
     return rows.view(*result.shape[:-1], rows.shape[-1])
 
@@ -60,11 +64,39 @@ class AddmmLoraLinear(LoraLinear):
         return {**super().lora_variants, (): AddmmLoraVariant}
 
 
-def use_addmm_layers(config: LoraConfig) -> LoraConfig:
-    """Have `get_peft_model(model, config)` build AddmmLoraLinear for nn.Linear targets.
+if is_bnb_4bit_available():  # bitsandbytes is optional, as in fusion_lora.py
+    from peft.tuners.lora import bnb as peft_bnb
 
-    Only for unquantized models: PEFT's custom dispatch matches by isinstance, and bitsandbytes'
-    quantized layers subclass nn.Linear.
+    class AddmmLoraLinear4bit(peft_bnb.Linear4bit):
+        """PEFT's LoRA layer over a bitsandbytes 4-bit layer, with the addmm forward.
+
+        PEFT's 4-bit forward clones the base output before adding to it (bitsandbytes outputs modified in
+        place once broke backward); addmm writes a new tensor, so that clone, one more pass over the output,
+        is not needed. Several active adapters, merged or disabled ones, DoRA and per-row adapter batches
+        take PEFT's forward.
+        """
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            active = [name for name in self.active_adapters if name in self.lora_A]
+            if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant:
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x)
+            if not torch.is_autocast_enabled():  # as PEFT: the adapter runs in its weights' dtype
+                x = self._cast_input_dtype(x, self.lora_A[active[0]].weight.dtype)
+            return AddmmLoraVariant.forward(self, active[0], x, result).to(result.dtype)
+
+
+def use_addmm_layers(config: LoraConfig, quantized_4bit: bool = False) -> LoraConfig:
+    """Have `get_peft_model(model, config)` build AddmmLoraLinear for nn.Linear targets and, in a
+    4-bit model, AddmmLoraLinear4bit for its bitsandbytes 4-bit ones.
+
+    Not for 8-bit models: PEFT's custom dispatch takes the first isinstance match, and bitsandbytes'
+    quantized layers subclass nn.Linear (hence the 4-bit class first); 8-bit layers keep PEFT's own.
     """
-    config._register_custom_module({nn.Linear: AddmmLoraLinear})
+    custom = {}
+    if quantized_4bit:
+        import bitsandbytes as bnb  # a 4-bit model means bitsandbytes is there
+
+        custom[bnb.nn.Linear4bit] = AddmmLoraLinear4bit
+    config._register_custom_module({**custom, nn.Linear: AddmmLoraLinear})
     return config

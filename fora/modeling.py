@@ -305,8 +305,9 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
         config = ForaConfig(mid_ratio=finetuning_args.fora_mid_ratio, **common)
     else:
         config = LoraConfig(**common)
-        if not quantized:
-            config = use_addmm_layers(config)
+        in_4bit = getattr(model, "is_loaded_in_4bit", False)
+        if in_4bit or not quantized:
+            config = use_addmm_layers(config, quantized_4bit=in_4bit)
     return get_peft_model(model, config)
 
 
