@@ -41,7 +41,10 @@ def make_adapter(base, folder, finetuning_type="lora", quantization_bit=None, se
 @torch.no_grad()
 def adapter_logits(base, adapter, quantization_bit=None) -> torch.Tensor:
     model = modeling.load_model(str(base), torch.float32, quantization_bit=quantization_bit)
-    model = modeling.load_adapter(model, str(adapter)).eval()
+    # A 4-bit base runs in train mode (nothing here drops out): bitsandbytes then dequantizes and multiplies
+    # in float32, as training did. In eval mode on CPUs with AVX512-BF16 it repacks the 4-bit weights for
+    # an inference kernel that rounds differently (0.4% of the logits on the tiny model).
+    model = modeling.load_adapter(model, str(adapter)).train(quantization_bit is not None)
     return model(input_ids=TOKENS).logits
 
 
