@@ -515,7 +515,7 @@ def main() -> None:
             "batches in random order": (("--group_by_length", "False"), no_change()),
             "full logits": (("--supervised_logits", "False"), no_change()),
             "adapter dropout 0.05 (the old default)": (("--lora_dropout", "0.05"), no_change()),
-            "PEFT's LoRA layers (no addmm)": ((), patched(adapters, "use_addmm_layers", lambda config: config)),
+            "PEFT's LoRA layers (no addmm)": ((), patched(adapters, "use_addmm_layers", lambda config, **_: config)),
             "head loss by autograd, logits recomputed": ((), patched(training.HeadCrossEntropy, "apply", recomputed_head_loss)),
         }
         for name, (flags, change) in ablations.items():
