@@ -59,6 +59,9 @@ def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head: nn.Lin
     if head is None:
         total = F.cross_entropy(selected.float(), selected_targets, reduction="sum")
     else:
+        # Under mixed precision (--bf16/--fp16) accelerate upcasts the model's outputs to float32 after its
+        # autocast forward; the head is applied here, outside that autocast, so it gets its own dtype back.
+        selected = selected.to(head.weight.dtype)
         total = HeadCrossEntropy.apply(selected, head.weight, head.bias, selected_targets, torch.is_grad_enabled())
     return total, positions.sum()
 
@@ -109,7 +112,7 @@ class SupervisedTrainer(Trainer):
     """HF Trainer whose loss applies the output layer only where a label is trained.
 
     Models whose forward takes `logits_to_keep` (every transformers-native causal LM) return the
-    final hidden states and one position of logits; the output layer then runs on the supervised
+    final hidden states and no logits; the output layer then runs on the supervised
     positions only. Remote-code models without it, and output layers that are not a plain
     nn.Linear (adapted, quantized or wrapped by modules_to_save), get their full logits reduced
     the same way.
@@ -143,7 +146,10 @@ class SupervisedTrainer(Trainer):
         if not self.drop_padding_mask:
             model_inputs["attention_mask"] = inputs["attention_mask"]
         if self.head_on_selected:
-            outputs = model(**model_inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+            # No logits at all (an empty index, not 1: the last position is a strided slice, which the head
+            # multiplies through a batched matmul over a copy of its weight per row: 0.8 s a step in bf16).
+            no_logits = torch.empty(0, dtype=torch.long, device=labels.device)
+            outputs = model(**model_inputs, logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
             loss_sum, count = supervised_loss_sum(outputs.hidden_states[-1], labels, head)
         else:

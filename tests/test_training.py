@@ -125,3 +125,33 @@ def test_real_and_padded_tokens_of_the_training_batches_are_counted(adapted, tok
     adapted.eval()
     trainer.compute_loss(adapted, batch)  # evaluation batches are not counted
     assert trainer.trained_tokens() == (2 * 49, 2 * 69)
+
+
+def test_mixed_precision_forward_gives_the_full_loss(tiny_model, tokenizer):
+    """--bf16: a bf16 model whose forward runs under autocast and whose outputs accelerate upcasts to float32,
+    as the Trainer wraps it; the head then gets bf16 hidden states back (it once failed on the float32 ones)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = load_model(str(tiny_model), torch.bfloat16)
+    torch.manual_seed(0)
+    model = attach_adapter(model, FinetuningArguments(finetuning_type="lora", lora_rank=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    batch = random_batch(model.config.vocab_size, tokenizer.pad_token_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=scratch, report_to="none"))
+    assert trainer.head_on_selected
+
+    model.zero_grad(set_to_none=True)
+    expected = full_logits_loss(model, batch)
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss, grads = loss_and_grads(trainer, model, batch)
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)  # both take bf16 logits, in other shapes
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-3, rtol=5e-2, msg=name)
