@@ -30,7 +30,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from fora.adapters import add_scaled_product
+from fora.adapters import NoInputCastUnderAutocast, add_scaled_product
 
 
 class ForaLinearVariant(LoraVariant):
@@ -89,7 +89,7 @@ class ForaLinearVariant(LoraVariant):
         return add_scaled_product(result, ax + E(ax) + C(B(ax)), D.weight, module.scaling[active_adapter])
 
 
-class _ForaLayer:
+class _ForaLayer(NoInputCastUnderAutocast):
     """What a FoRA layer adds to its PEFT LoRA parent; forward, merge and unmerge are inherited unchanged."""
 
     # Registers C, D, E as adapter weights: trainable, moved with the adapter, saved and loaded.

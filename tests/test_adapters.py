@@ -5,8 +5,17 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import bnb as peft_bnb
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fora.adapters import AddmmLoraLinear, AddmmLoraLinear4bit, add_scaled_product, use_addmm_layers
+from fora.adapters import (
+    AddmmLoraLinear,
+    AddmmLoraLinear4bit,
+    NoInputCastUnderAutocast,
+    add_scaled_product,
+    use_addmm_layers,
+)
 from fora.modeling import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,3 +97,54 @@ def test_saved_adapter_loads_in_plain_peft_and_merges(tiny_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+class CountUpcasts(TorchDispatchMode):
+    """Counts bf16 -> float32 copies of tensors shaped `shape` (what PEFT's input cast makes)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 and out.dtype == torch.float32:
+            self.count += out.shape == self.shape
+        return out
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "fora"])
+def test_no_float32_copy_of_the_input_under_autocast(finetuning_type, monkeypatch):
+    """A bf16 base with float32 adapters under autocast (--bf16): the input goes into the adapter as it is,
+    and the output and gradients are exactly those of PEFT's cast-then-autocast path."""
+    from fusion_lora import ForaConfig
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 96, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    def run(layer_input_cast: bool):
+        torch.manual_seed(0)
+        config_class = ForaConfig if finetuning_type == "fora" else LoraConfig
+        config = config_class(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False)
+        model = get_peft_model(Block().to(torch.bfloat16), config if finetuning_type == "fora" else use_addmm_layers(config))
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+        if layer_input_cast:  # PEFT's own behaviour: cast to the adapter's dtype whatever autocast does
+            monkeypatch.setattr(NoInputCastUnderAutocast, "_cast_input_dtype", BaseTunerLayer._cast_input_dtype)
+        x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_()
+        counter = CountUpcasts(x.shape)
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        monkeypatch.undo()
+        return counter.count, out, x.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    upcasts, out, x_grad, grads = run(layer_input_cast=False)
+    peft_upcasts, peft_out, peft_x_grad, peft_grads = run(layer_input_cast=True)
+    assert upcasts == 0 and peft_upcasts == 1
+    assert torch.equal(out, peft_out) and torch.equal(x_grad, peft_x_grad)
+    assert grads.keys() == peft_grads.keys() and all(torch.equal(grads[n], peft_grads[n]) for n in grads)
