@@ -23,8 +23,9 @@ Everything runs in this one process, on identical samples, one after the other:
   scaling  training tokens/s on rows of exactly 256 / 512 / 1024 / 2048 tokens (4096 per batch)
 Quick checks that every path runs, its figures are not the benchmark: 4 training records (one
 step), 4 held-out, 4 predictions of 16 tokens, rows of 256 and 512, no ablations.
-Both training paths run in the dtype train_lora.py picks on this machine (bf16 where the CPU has it
-natively, else float32), so the ratio measures the recipes, not the dtype.
+Both training paths run in bf16 where the machine has it natively (the stock recipe's bf16 weights;
+the project with --bf16, as the launcher scripts pass it: bf16 weights, autocast), else in float32,
+so the ratio measures the recipes, not the dtype.
 
 Useful FLOPs (MFU numerator) count only what a LoRA step must do for the non-pad tokens: the block
 linears forward and backward to their input (4 x parameters per token; frozen weights need no weight
@@ -156,6 +157,13 @@ def supervised_count(sample: dict) -> int:
 # Training: the project's entry point and the stock recipe.
 
 
+def half_precision() -> bool:
+    """bf16 for both recipes: on CUDA, or on a CPU that multiplies bf16 natively."""
+    from config import cpu_has_bf16
+
+    return torch.cuda.is_available() or cpu_has_bf16()
+
+
 def project_argv(train_file: Path, output_dir: Path, cache_dir: Path, variant: str, *extra: str) -> list[str]:
     argv = [
         "--train_file", str(train_file), "--output_dir", str(output_dir), "--overwrite_output_dir",
@@ -164,7 +172,7 @@ def project_argv(train_file: Path, output_dir: Path, cache_dir: Path, variant: s
         "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--seed", str(SEED),
         "--finetuning_type", "fora" if variant == "fora" else "lora", "--lora_rank", "2" if variant == "fora" else "8",
     ]
-    return argv + list(extra)
+    return argv + (["--bf16"] if half_precision() else []) + list(extra)
 
 
 def run_project(train_file: Path, output_dir: Path, cache_dir: Path, variant: str, *extra: str) -> dict:
@@ -212,10 +220,8 @@ def run_stock(model_path: str, dataset, tokenizer, output_dir: Path, variant: st
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from config import cpu_has_bf16
-
     reset_peak_memory()
-    dtype = torch.bfloat16 if (torch.cuda.is_available() or cpu_has_bf16()) else torch.float32
+    dtype = torch.bfloat16 if half_precision() else torch.float32
     quantization = None
     if variant == "qlora":
         quantization = BitsAndBytesConfig(
@@ -447,7 +453,6 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from config import cpu_has_bf16
     from fora import modeling
     from fora.templates import get_template
 
@@ -462,7 +467,7 @@ def main() -> None:
     heldout = tokenize(eval_file, tokenizer, template, work / "cache")
     shape = ModelShape.of(AutoConfig.from_pretrained(model_path))
     epoch_flops = sum(shape.useful_flops(len(s["input_ids"]), supervised_count(s)) for s in train_set)
-    training_dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    training_dtype = "bfloat16" if half_precision() else "float32"
     print(f"# FoRA speed benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, torch {torch.__version__}, "
           f"training dtype {training_dtype}")
     print(f"# train: {len(train_set)} records of spo_0.json, cutoff {SOURCE_LENGTH + TARGET_LENGTH}, batch {BATCH}, 1 epoch; "
