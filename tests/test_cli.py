@@ -48,6 +48,16 @@ def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, ti
     assert not torch.allclose(before, after, atol=1e-6), "the adapter did not change the output"
 
 
+def test_bf16_trains_under_autocast(tmp_path, tiny_model):
+    """--bf16 on a CPU with native bf16: a bf16 base, autocast forward, the head loss outside it (float32 elsewhere)."""
+    from config import cpu_has_bf16
+
+    out, result = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", "--bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "fora_run.json").read_text())["torch_dtype"] == ("bfloat16" if cpu_has_bf16() else "float32")
+    assert all(torch.isfinite(w).all() for w in adapter_weights(out).values())
+
+
 def test_same_seed_same_adapter(tmp_path, tiny_model):
     first, r1 = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", output="a")
     second, r2 = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", output="b")
