@@ -17,7 +17,7 @@ Everything runs in this one process, on identical samples, one after the other:
            answer 256), batch 4, one epoch. Eval loss after training: the 50 records of spo_1.json,
            mean over answer tokens, by one independent full-logits computation for every adapter.
   ablate   the project's LoRA run with one optimisation turned off at a time
-  predict  predict_fora.py's main() at --batch_size 8 (its default) and 32 (shared prompt prefix
+  predict  predict_fora.py's main() in float32 at --batch_size 8 (its default) and 32 (shared prompt prefix
            encoded once, the rest in length-sorted chunks, one reserved KV cache per batch, early
            stop) vs a one-record-at-a-time generate() loop, greedy, 128 new tokens, on spo_1.json
   scaling  training tokens/s on rows of exactly 256 / 512 / 1024 / 2048 tokens (4096 per batch)
@@ -75,6 +75,7 @@ QUICK = Setting(
 QUICK_SECTIONS = ("peak", "parity", "train", "predict", "scaling")
 SOURCE_LENGTH, TARGET_LENGTH, BATCH = 768, 256, 4  # cutoff 1024
 PREDICT_BATCHES = (8, 32)
+PREDICT_DTYPE = "float32"
 LEARNING_RATE, SEED = 2e-4, 42
 
 
@@ -307,7 +308,10 @@ def first_batch_losses(model_path: str, samples, tokenizer) -> tuple[float, floa
 
 
 def run_predictions(adapter: Path, test_file: Path, output_dir: Path, count: int, new_tokens: int) -> dict:
-    """predict_fora.py's runtime and texts at each of PREDICT_BATCHES, then one record at a time."""
+    """predict_fora.py's runtime and texts at each of PREDICT_BATCHES, then one record at a time.
+
+    Both in float32, whatever the adapter trained in: only then can greedy outputs be compared token
+    for token. In bf16 a matmul's rounding depends on its batch shape (25 of 50 outputs differed)."""
     import predict_fora
     from fora import generate, modeling
     from fora.data import load_conversations
@@ -319,12 +323,13 @@ def run_predictions(adapter: Path, test_file: Path, output_dir: Path, count: int
             results = predict_fora.main([
                 "--model_dir", str(adapter), "--test_path", str(test_file), "--output_dir", str(output_dir),
                 "--overwrite_output_dir", "--max_new_tokens", str(new_tokens), "--batch_size", str(batch_size),
+                "--torch_dtype", PREDICT_DTYPE,
                 "--max_samples", str(count),
             ])
         lines = (output_dir / predict_fora.PREDICTIONS_FILE).read_text().splitlines()
         batched[batch_size] = (results["predict_runtime"], [json.loads(line)["predict"] for line in lines])
 
-    model, tokenizer, info = modeling.load_inference_model(str(adapter))
+    model, tokenizer, info = modeling.load_inference_model(str(adapter), torch_dtype=PREDICT_DTYPE)
     template = get_template(tokenizer, info.get("template"))
     conversations = load_conversations(str(test_file), require_response=False)[0][:count]
     stop = template.stop_token_ids(tokenizer)
