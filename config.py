@@ -522,7 +522,8 @@ class PredictArguments:
             "help": "Prompts decoded together (grouped by length). Their common start is encoded once and the rest "
             "in length-sorted chunks, so a larger batch costs mostly KV-cache memory (rows x (prompt + new tokens)) "
             "and decodes faster: on a 2-core CPU, 32 was 1.5x faster than 8 with SmolLM2-135M. Greedy output "
-            "does not depend on it.",
+            "does not depend on it in float32; in bf16 a matmul rounds differently with the batch's shape, so "
+            "some outputs change with it.",
         },
     )
     do_sample: bool = field(
