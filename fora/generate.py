@@ -4,8 +4,9 @@ build_prompt: a conversation → the prompt ids for the reply to its last turn, 
 template and cut with `fora.data.encode`, exactly as training renders and cuts them.
 generate_ids: prompts → newly generated ids per prompt, in input order. Prompts are sorted by
 length (longest first) and batched; the attention mask gives every row its own positions, so greedy
-output does not depend on the batch size in float32 (in bf16 a matmul's rounding does). On native transformers models the tokens every prompt
-starts with are encoded once and the rest of each batch in length-sorted chunks (see `SharedPrefix`);
+output does not depend on the batch size in float32 (in bf16 a matmul's rounding does). On native
+transformers models the tokens every prompt starts with are encoded once and the rest of each batch
+in length-sorted chunks (see `SharedPrefix`);
 otherwise, and for beam search, batches are left-padded. Each row is cut before its first stop token
 and to its own token budget; a batch stops when every row has produced a stop token or the largest
 budget in the batch is spent (KV cache on). Beam search with budgets that differ within a batch
