@@ -86,14 +86,14 @@ def score_predictions(preds: list[str], labels: list[str | None]) -> dict:
     """
     if len(preds) != len(labels):
         raise ValueError(f"{len(preds)} predictions but {len(labels)} labels")
-    pairs = [(p, l) for p, l in zip(preds, labels) if l is not None]
+    pairs = [(pred, label) for pred, label in zip(preds, labels) if label is not None]
     result: dict = {"scored": len(pairs), "total": len(labels)}
     if not pairs:
         return result
-    records = [score_record(p, l) for p, l in pairs]
+    records = [score_record(pred, label) for pred, label in pairs]
     for key in RECORD_KEYS:
         result[key] = sum(r[key] for r in records) / len(records)
-    scored_preds, scored_labels = [p for p, _ in pairs], [l for _, l in pairs]
+    scored_preds, scored_labels = [pred for pred, _ in pairs], [label for _, label in pairs]
     if _looks_like_triples(scored_labels):
         result.update(triple_scores(scored_preds, scored_labels))
     return result

@@ -134,8 +134,9 @@ def child(variant: str, model_dir: str, compute_dtype: str, steps: int, tokens: 
     """One variant, in this (fresh) process; returns the measurements."""
     import torch
 
-    from config import FinetuningArguments, cpu_has_bf16
+    from config import FinetuningArguments
     from fora import modeling
+    from fora.run import cpu_has_bf16
 
     torch.manual_seed(0)
     dtype = getattr(torch, compute_dtype)
@@ -247,7 +248,10 @@ def main() -> None:
     ref_peak = reference["after_steps"]["VmHWM"]
     print(f"\nbatch 1 x {args.tokens} tokens, LoRA r8 on all block linear layers, {args.steps} AdamW steps; "
           f"4-bit compute dtype {args.compute_dtype}; GB = 1e9 bytes, after the last step")
-    header = f"{'variant':<11} {'RssAnon':>8} {'RssFile':>8} {'resident':>9} {'VmHWM':>7} {'res/bf16':>9} {'peak/bf16':>10} {'load s':>7} {'step s':>7} {'trainable':>10}"
+    header = (
+        f"{'variant':<11} {'RssAnon':>8} {'RssFile':>8} {'resident':>9} {'VmHWM':>7} {'res/bf16':>9} "
+        f"{'peak/bf16':>10} {'load s':>7} {'step s':>7} {'trainable':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:

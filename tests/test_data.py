@@ -11,7 +11,7 @@ from config import DataArguments
 from conftest import SHARED_DATA, write_jsonl
 from fora.data import IGNORE_INDEX, build_dataset, encode, load_conversations, read_records, tokenize_conversation
 from fora.errors import UserError
-from fora.modeling import load_tokenizer
+from fora.run import load_tokenizer
 from fora.templates import NAMED_TEMPLATES, get_template
 from fora.training import PaddingCollator
 
@@ -197,7 +197,8 @@ def test_text_after_a_json_array_names_its_line(tmp_path):
 
 def test_gbk_file_is_explained(tmp_path):
     path = tmp_path / "gbk.json"
-    path.write_bytes((json.dumps(ALPACA) + "\n").encode() + json.dumps({**ALPACA, "input": "发动机水温高"}, ensure_ascii=False).encode("gbk"))
+    gbk_line = json.dumps({**ALPACA, "input": "发动机水温高"}, ensure_ascii=False).encode("gbk")
+    path.write_bytes((json.dumps(ALPACA) + "\n").encode() + gbk_line)
     message = user_error(path)
     assert message.startswith(f"{path}: line 2: not valid UTF-8")
     assert "iconv -f GBK -t UTF-8" in message
