@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from fora import run
 from fora.errors import UserError
 from fora.templates import check_template_name
 
@@ -38,8 +39,10 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": f"dtype the base weights are loaded in, one of {', '.join(DTYPES)}. 'auto' = the dtype "
-            "--bf16/--fp16 train in, else float32. Without CUDA, float16 becomes bfloat16 (float32 on CPUs "
-            "without native bf16), with one warning."
+            "--bf16/--fp16 train in; with neither flag, the machine's native half precision (--bf16 on CUDA with "
+            "bf16 and on CPUs with native bf16, --fp16 on older GPUs), else float32. --torch_dtype float32 trains "
+            "in full precision. Without CUDA, float16 becomes bfloat16 (float32 on CPUs without native bf16), "
+            "with one warning."
         },
     )
     trust_remote_code: bool = field(
@@ -109,7 +112,8 @@ class DataArguments:
         default="train",
         metadata={
             "help": "A record whose response is empty text: train (learn to answer with EOS alone, e.g. "
-            "nothing to extract), skip (leave it out), or error (stop)."
+            "nothing to extract), skip (leave it out), or error (stop). The log counts them; with train, a file "
+            "in which more than half the responses are empty (a test split, say) stops the run."
         },
     )
     template: str | None = field(
@@ -276,37 +280,15 @@ class TrainArguments(TrainingArguments):
         if isinstance(self.deepspeed, str) and not self.deepspeed.startswith("{"):
             _check_json_file("--deepspeed", self.deepspeed)
         # Before the parent fills the DeepSpeed config's "auto" precision from fp16/bf16.
-        self.replaced_precision = []  # reported, together with --torch_dtype, by resolve_precision
+        self.replaced_precision = []  # reported, together with --torch_dtype, by run.training_dtype
+        self.chosen_precision = None  # "bf16"/"fp16" when parse_args chose it (no precision flag given)
         if not torch.cuda.is_available():
             # accelerate forms a multi-process group (gloo) on CPU only when told it runs on CPU.
             self.use_cpu = True
-            if self.fp16 or (self.bf16 and not cpu_has_bf16()):
+            if self.fp16 or (self.bf16 and not run.cpu_has_bf16()):
                 self.replaced_precision.append("--fp16" if self.fp16 else "--bf16")
-                self.fp16, self.bf16 = False, cpu_has_bf16()
+                self.fp16, self.bf16 = False, run.cpu_has_bf16()
         super().__post_init__()
-
-
-def resolve_precision(model_args: ModelArguments, training_args: TrainArguments) -> torch.dtype:
-    """The dtype to load the base in; without CUDA, fp16 becomes bf16 where the CPU has it natively, else fp32.
-
-    TrainArguments already replaced --fp16/--bf16; this adds --torch_dtype and warns once for both.
-    """
-    if not torch.cuda.is_available():
-        cpu_half = "bfloat16" if cpu_has_bf16() else "float32"
-        replaced = list(training_args.replaced_precision)
-        if model_args.torch_dtype in ("float16", "bfloat16") and model_args.torch_dtype != cpu_half:
-            replaced.append(f"--torch_dtype {model_args.torch_dtype}")
-            model_args.torch_dtype = cpu_half
-        if replaced:
-            print(f"warning: no CUDA here; {' and '.join(replaced)} -> {cpu_half} on this CPU", file=sys.stderr)
-    if model_args.torch_dtype == "auto":
-        model_args.torch_dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
-    return getattr(torch, model_args.torch_dtype)
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (AVX512-BF16/AMX); emulated bf16 is far slower than fp32."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _check_json_file(flag: str, path: str) -> None:
@@ -325,14 +307,37 @@ def _as_csv(value) -> str | None:
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None):
-    """Parse flags, or a single .json/.yaml file of them (later flags override the file)."""
+    """Parse flags, or a single .json/.yaml file of them (later flags override the file).
+
+    A training run that names no precision (no --bf16, --fp16 or --torch_dtype) gets the machine's
+    native half precision (`default_half_precision`), as if its flag had been given.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
         argv = _file_as_flags(argv[0]) + argv[1:]
+    parsed = _parse(dataclass_types, argv)
+    half = default_half_precision(parsed)
+    if half:
+        # Parsed again with the flag, so TrainingArguments (and a DeepSpeed config's "auto") see it from the start.
+        parsed = _parse(dataclass_types, [*argv, f"--{half}"])
+        next(p for p in parsed if isinstance(p, TrainArguments)).chosen_precision = half
+    return parsed
+
+
+def _parse(dataclass_types, argv: list[str]):
     *parsed, unknown = _Parser(dataclass_types).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help for the flags)")
     return parsed
+
+
+def default_half_precision(parsed) -> str | None:
+    """"bf16" or "fp16" for a training run that chose no precision, where this machine computes in it natively."""
+    model = next((p for p in parsed if isinstance(p, ModelArguments)), None)
+    training = next((p for p in parsed if isinstance(p, TrainArguments)), None)
+    if model is None or training is None or model.torch_dtype != "auto" or training.bf16 or training.fp16:
+        return None
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(run.native_half())
 
 
 class _Parser(HfArgumentParser):
@@ -515,15 +520,15 @@ class PredictArguments:
             "--max_target_length recorded in fora_run.json, else 512."
         },
     )
-    batch_size: int = field(
-        default=8,
+    batch_size: int | None = field(
+        default=None,
         metadata={
             "aliases": ["--per_device_eval_batch_size"],
             "help": "Prompts decoded together (grouped by length). Their common start is encoded once and the rest "
             "in length-sorted chunks, so a larger batch costs mostly KV-cache memory (rows x (prompt + new tokens)) "
-            "and decodes faster: on a 2-core CPU, 32 was 1.5x faster than 8 with SmolLM2-135M. Greedy output "
-            "does not depend on it in float32; in bf16 a matmul rounds differently with the batch's shape, so "
-            "some outputs change with it.",
+            "and decodes faster. Unset: the largest batch that fits, starting from 64 (or the number of records) and "
+            "halving on out-of-memory. Greedy output does not depend on it in float32; in bf16 a matmul "
+            "rounds differently with the batch's shape, so some outputs change with it.",
         },
     )
     do_sample: bool = field(
@@ -582,7 +587,7 @@ class PredictArguments:
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be at least 1, got {value}")
         for name in ("batch_size", "num_beams"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")

@@ -24,10 +24,12 @@ from pathlib import Path
 
 from config import PredictArguments, parse_args
 from fora.errors import UserError, exit_on_user_error
+from fora.run import RunRecord
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
-DEFAULT_MAX_TARGET = 512  # answer length when neither the flags nor fora_run.json give one
+AUTO_BATCH_SIZE = 64  # where the automatic --batch_size starts; halved on out-of-memory
+DEFAULT_MAX_TARGET = 512  # answer length when neither the flags nor the run record give one
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,12 +46,12 @@ def main(argv: list[str] | None = None) -> dict:
         print("note: generation pads prompts on the left; --padding_side right applies to training only")
 
     # 2. Test data, checked before any model is loaded.
-    recorded = recorded_run_info(args.model_dir, modeling)
+    record = RunRecord.load(args.model_dir) if args.model_dir and Path(args.model_dir).is_dir() else None
     conversations, _ = data.load_conversations(
         args.test_path,
         args.data_format,
-        args.prompt_column or recorded.get("prompt_column"),
-        args.response_column or recorded.get("response_column"),
+        args.prompt_column or (record and record.prompt_column),
+        args.response_column or (record and record.response_column),
         require_response=False,
     )
     conversations = conversations[: args.max_samples]
@@ -78,10 +80,24 @@ def main(argv: list[str] | None = None) -> dict:
     config = generate.generation_config(
         tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p
     )
+    tried = []
+
+    def generate_in_batches(batch_size: int) -> list[list[int]]:
+        if tried:
+            print(f"note: out of memory at --batch_size {tried[-1]}; trying {batch_size}", file=sys.stderr)
+        tried.append(batch_size)
+        return generate.generate_ids(
+            model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, batch_size, config
+        )
+
     started = time.perf_counter()
-    new_ids = generate.generate_ids(
-        model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, args.batch_size, config
-    )
+    if args.batch_size:
+        new_ids = generate_in_batches(args.batch_size)
+    else:  # the largest batch that fits, as accelerate finds it for training
+        from accelerate.utils import find_executable_batch_size
+
+        largest = min(AUTO_BATCH_SIZE, len(prompts))
+        new_ids = find_executable_batch_size(generate_in_batches, largest, reduce_batch_size_fn=lambda: tried[-1] // 2)()
     runtime = time.perf_counter() - started
     predictions = [generate.decode(tokenizer, ids) for ids in new_ids]
 
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_src_len": max_src_len,
             "max_len": args.max_len,
             "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
+            "batch_size": tried[-1],
             "do_sample": args.do_sample,
             "num_beams": args.num_beams,
             **({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.do_sample else {}),
@@ -143,16 +159,6 @@ def refuse_overwrite(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def recorded_run_info(model_dir: str | None, modeling) -> dict:
-    """fora_run.json of the adapter or model (a checkpoint-N finds its run's one level up); {} if none."""
-    if not model_dir or not Path(model_dir).is_dir():
-        return {}
-    info = modeling.read_run_info(model_dir)
-    if not info and Path(model_dir).name.startswith("checkpoint-"):
-        info = modeling.read_run_info(str(Path(model_dir).parent))
-    return info
-
-
 def token_budget(prompt_length: int, args: PredictArguments, max_tgt_len: int) -> int:
     """Tokens a record may generate: --max_new_tokens and --max_len minus its prompt, at least 1."""
     limits = [args.max_new_tokens] if args.max_new_tokens else []
@@ -176,7 +182,8 @@ def warn_short_budgets(budgets: list[int], args: PredictArguments, max_tgt_len: 
 def describe_model(model_dir: str | None, info: dict, template_name: str) -> str:
     bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
     if info["model_kind"] == "adapter":
-        what = f"{info.get('finetuning_type') or 'LoRA'} adapter {model_dir} on {info['base_model']}{bits}"
+        merged = "merged into the base" if info["merged"] else "kept separate from the base, as in training"
+        what = f"{info.get('finetuning_type') or 'LoRA'} adapter {model_dir} ({merged}) on {info['base_model']}{bits}"
     elif info["model_kind"] == "model":
         what = f"model {model_dir}{bits}"
     else:

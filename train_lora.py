@@ -7,12 +7,19 @@
 Every flag is documented in config.py (or `python train_lora.py --help`).
 """
 
+import shutil
 from pathlib import Path
 
-from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args, resolve_precision
+from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
 from fora.errors import UserError, exit_on_user_error
+from fora.run import TOKENIZER_PATTERNS, RunRecord, load_tokenizer, training_dtype
 
 PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.json", "config.json", "checkpoint-*")
+# What a training run writes into its output folder; --overwrite_output_dir removes these before training.
+RUN_OUTPUTS = (
+    *PREVIOUS_RUN_MARKERS, ".tmp-*", "adapter_model.*", "trainer_state.json", "training_args.bin", "training_loss.png",
+    "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*", *TOKENIZER_PATTERNS,
+)
 
 
 def main(argv: list[str] | None = None, default_quantization_bit: int | None = None) -> None:
@@ -21,7 +28,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     )
     if model_args.quantization_bit is None:
         model_args.quantization_bit = default_quantization_bit
-    dtype = resolve_precision(model_args, training_args)
+    dtype = training_dtype(model_args, training_args)
 
     import torch
     from transformers import set_seed
@@ -31,7 +38,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     from fora.templates import get_template
     from fora.training import LossPlotCallback, PaddingCollator, SupervisedTrainer, last_checkpoint, plot_loss, write_json
 
-    training_args.device  # joins the launcher's process group now, so ranks know who they are
+    training_args.device  # noqa: B018 -- joins the launcher's process group now, so ranks know who they are
     is_main = training_args.process_index == 0
     log = print if is_main else (lambda *_: None)
     output_dir = Path(training_args.output_dir)
@@ -59,7 +66,9 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     if not data_args.train_file:
         raise UserError("--train_file (or --dataset_dir with --dataset) is required")
     model_path = modeling.resolve_model_path(model_args.model_name_or_path)
-    tokenizer = modeling.load_tokenizer(model_path, model_args.trust_remote_code)
+    if Path(model_path).exists() and Path(model_path).resolve() == output_dir.resolve():
+        raise UserError(f"--output_dir {output_dir}: is the base model's folder; choose another folder")
+    tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     template = get_template(tokenizer, data_args.template)
     log(f"Prompt template: {template.name}")
     train_dataset = data.build_dataset(data_args.train_file, tokenizer, template, data_args, training_args.main_process_first, log)
@@ -89,7 +98,25 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     log(f"Fine-tuning: {finetuning_args.finetuning_type}; trainable parameters: {trainable:,} of {total:,} "
         f"({100 * trainable / total:.4f}%)")
 
-    # 4. Train.
+    # 4. Train, into a folder cleared of any previous run only now that data and model have loaded.
+    if previous and not resume:
+        with training_args.main_process_first(desc="clearing the previous run", local=False):
+            if is_main:
+                removed = clear_previous_run(output_dir, Path(training_args.logging_dir))
+                log(f"--overwrite_output_dir: removed the previous run's {removed} checkpoints and files from {output_dir}")
+    record = RunRecord(
+        base_model=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        finetuning_type=finetuning_args.finetuning_type,
+        torch_dtype=model_args.torch_dtype,
+        quantization_bit=model_args.quantization_bit,
+        trust_remote_code=model_args.trust_remote_code,
+        template=template.name,
+        data_format=data_args.data_format,
+        prompt_column=data_args.prompt_column,
+        response_column=data_args.response_column,
+        max_source_length=data_args.max_source_length,
+        max_target_length=data_args.max_target_length,
+    )
     training_args.remove_unused_columns = False  # the collator picks its columns; `length` feeds length grouping
     # SupervisedTrainer stops at the first NaN/inf loss; the filter would only average such losses away,
     # reading every micro-batch's loss on the host to do it.
@@ -102,6 +129,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         data_collator=PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
         processing_class=tokenizer,
         callbacks=[LossPlotCallback()],
+        run_record=record,
     )
     result = trainer.train(resume_from_checkpoint=resume or None)
 
@@ -109,22 +137,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     trainer.save_model(str(output_dir))
     real_tokens, batch_tokens = trainer.trained_tokens()
     if is_main:
-        modeling.write_run_info(
-            str(output_dir),
-            {
-                "base_model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-                "finetuning_type": finetuning_args.finetuning_type,
-                "torch_dtype": model_args.torch_dtype,
-                "quantization_bit": model_args.quantization_bit,
-                "trust_remote_code": model_args.trust_remote_code,
-                "template": template.name,
-                "data_format": data_args.data_format,
-                "prompt_column": data_args.prompt_column,
-                "response_column": data_args.response_column,
-                "max_source_length": data_args.max_source_length,
-                "max_target_length": data_args.max_target_length,
-            },
-        )
+        record.save(output_dir)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         results = {
             **result.metrics,
@@ -140,6 +153,17 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         log(f"Adapter saved to {output_dir}" if finetuning_args.finetuning_type != "full" else f"Model saved to {output_dir}")
         log(f"Padding: {100 * results['pad_fraction']:.1f}% of the training batches' tokens")
         log(f"Loss curve: {output_dir / 'training_loss.png'}; TensorBoard logs: {training_args.logging_dir}")
+
+
+def clear_previous_run(output_dir: Path, logging_dir: Path) -> int:
+    """Remove what an earlier training run left in `output_dir` (checkpoints included, so neither
+    --resume_from_checkpoint auto nor --save_total_limit picks one of them); returns how many."""
+    stale = {path for pattern in RUN_OUTPUTS for path in output_dir.glob(pattern)}
+    if logging_dir.is_dir() and output_dir.resolve() in logging_dir.resolve().parents:
+        stale.add(logging_dir)  # its TensorBoard logs would mix the two runs' curves
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return len(stale)
 
 
 def run(default_quantization_bit: int | None = None) -> None:

@@ -26,6 +26,7 @@ from fora.templates import Turn
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt")
+MOSTLY_EMPTY = 0.5  # --empty_response train refuses a file in which more than this share of responses is empty
 CACHE_VERSION = "2"  # bump when encoding changes so old caches are not reused
 
 
@@ -350,6 +351,12 @@ def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) ->
     if empty:
         action = "left out" if data_args.empty_response == "skip" else "trained to answer with EOS alone"
         log(f"{path}: {empty} records have an empty response: {action} (--empty_response)")
+    total = len(conversations) + (empty if data_args.empty_response == "skip" else 0)
+    if data_args.empty_response == "train" and empty > MOSTLY_EMPTY * total:
+        raise UserError(
+            f"{path}: {empty} of {total} records have an empty response (a test split without references?); "
+            "training on them teaches the model to answer nothing: pass --empty_response skip or error, or other data"
+        )
     if not conversations:
         raise UserError(f"{path}: no records left to train on (all {empty} have an empty response; --empty_response skip)")
     rows = [{"system": c.system, "turns": [list(t) for t in c.turns]} for c in conversations]

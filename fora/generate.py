@@ -104,8 +104,9 @@ def generate_ids(
                 input_ids, attention_mask, cache = shared.prefill(
                     model, batch, tokenizer.pad_token_id, batch_config.max_new_tokens
                 )
+            given_cache = {} if cache is None else {"cache": cache}  # remote-code models take no `cache` argument
             output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, generation_config=batch_config
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=batch_config, **given_cache
             )
             for row, index in enumerate(rows):
                 new = output[row, input_ids.shape[1] :].tolist()[: budgets[index]]
@@ -208,7 +209,7 @@ class SharedPrefix:
         cache = DynamicCache()
         if length:
             ids = torch.tensor([first[:length]], device=device)
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return cls(first[:length], cache)
 
     def repeated(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -245,7 +246,7 @@ class SharedPrefix:
                     input_ids=input_ids[rows, columns],
                     attention_mask=torch.cat([attention_mask[rows, :start], attention_mask[rows, columns]], dim=-1),
                     position_ids=positions[rows, columns],
-                    past_key_values=states,
+                    cache=states,
                     use_cache=True,
                     logits_to_keep=1,
                 )

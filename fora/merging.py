@@ -22,6 +22,7 @@ from torch import nn
 
 from fora import modeling
 from fora.errors import UserError
+from fora.run import RUN_FILE, TOKENIZER_PATTERNS, RunRecord, load_tokenizer, merged_dtype
 
 MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
 MERGE_FILE = "fora_merge.json"  # where the merged model came from
@@ -45,14 +46,14 @@ def check_adapter_dir(adapter: str) -> Path:
     return path
 
 
-def resolve_base(base_model: str | None, run_info: dict, adapter: Path) -> str:
-    """--base_model, else the base recorded in the adapter's fora_run.json, checked to be a model folder."""
+def resolve_base(base_model: str | None, record: RunRecord | None, adapter: Path) -> str:
+    """--base_model, else the base recorded in the adapter's run record, checked to be a model folder."""
     flag = "--base_model"
     if not base_model:
-        base_model = run_info.get("base_model")
-        if not base_model:
-            raise UserError(f"--base_model is required: {adapter} has no {modeling.RUN_FILE} naming the base model")
-        flag = f"--base_model (recorded in {adapter / modeling.RUN_FILE})"
+        if record is None:
+            raise UserError(f"--base_model is required: {adapter} has no {RUN_FILE} naming the base model")
+        base_model = record.base_model
+        flag = f"--base_model (recorded in {adapter / RUN_FILE})"
     return modeling.resolve_model_path(base_model, flag)
 
 
@@ -68,12 +69,6 @@ def check_output_dir(output_dir: str, overwrite: bool, *inputs: Path) -> Path:
         what = f"already holds a model ({held[0]})" if held else "is not empty"
         raise UserError(f"--output_dir {output_dir}: {what}; pass --overwrite_output_dir to replace the folder")
     return out
-
-
-def run_dtype(run_info: dict) -> torch.dtype:
-    """The compute dtype training used for its quantized base (fora_run.json torch_dtype), else float32."""
-    name = run_info.get("torch_dtype")
-    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
 
 
 def load_fp32_base(base: str, trust_remote_code: bool):
@@ -119,17 +114,17 @@ def put_dequantized_weights(model: nn.Module, base: str, bits: int, dtype: torch
 def merge(args, log=print) -> Path:
     """Merge per `args` (config.MergeArguments); returns the output folder."""
     adapter = check_adapter_dir(args.adapter)
-    run_info = modeling.read_run_info(str(adapter))
-    base = resolve_base(args.base_model, run_info, adapter)
+    record = RunRecord.load(adapter)
+    base = resolve_base(args.base_model, record, adapter)
     output_dir = check_output_dir(args.output_dir, args.overwrite_output_dir, adapter, Path(base))
-    modeling.require_remote_code_flag(args.trust_remote_code, run_info, adapter, base)
+    modeling.require_remote_code_flag(args.trust_remote_code, record, adapter, base)
     trust_remote_code = args.trust_remote_code
-    bits = run_info.get("quantization_bit")
+    bits = record.quantization_bit if record else None
 
     log(f"Base model: {base}")
     model = load_fp32_base(base, trust_remote_code)
     if bits and args.merge_into == "dequantized":
-        dtype = run_dtype(run_info)
+        dtype = getattr(torch, record.torch_dtype)  # the compute dtype the base was quantized with
         count = put_dequantized_weights(model, base, bits, dtype, trust_remote_code)
         log(f"The adapter was trained on a {bits}-bit base: merging into the dequantized {bits}-bit weights "
             f"({count} layers, quantized with compute dtype {str(dtype).removeprefix('torch.')} as in training)")
@@ -139,7 +134,7 @@ def merge(args, log=print) -> Path:
     peft_model = modeling.load_adapter(model, str(adapter), flag="--adapter")
     kind = "FoRA" if getattr(peft_model.peft_config["default"], "use_fora", False) else "LoRA"
     merged = peft_model.merge_and_unload(safe_merge=True)
-    out_dtype = output_dtype(args.dtype, base, run_info)
+    out_dtype = merged_dtype(args.dtype, base)
     merged = merged.to(out_dtype)
     merged.config.dtype = out_dtype
     if hasattr(merged.config, "quantization_config"):
@@ -147,13 +142,11 @@ def merge(args, log=print) -> Path:
     merged.config.name_or_path = str(output_dir)
     log(f"Merged the {kind} adapter {adapter}; saving in {str(out_dtype).removeprefix('torch.')}")
 
-    tokenizer = load_tokenizer(adapter, base, trust_remote_code)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         merged.save_pretrained(staging, max_shard_size=args.max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        save_tokenizer(base, staging, trust_remote_code)
         provenance = {
             "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
             "adapter": str(adapter.resolve()),
@@ -172,26 +165,16 @@ def merge(args, log=print) -> Path:
     return output_dir
 
 
-def output_dtype(requested: str, base: str, run_info: dict) -> torch.dtype:
-    """--dtype; 'auto' = the dtype the base checkpoint is stored in (float32 when it does not say)."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    config_file = Path(base) / "config.json"
-    stored = None
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        stored = config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, stored) if stored in ("float32", "bfloat16", "float16") else torch.float32
-
-
-def load_tokenizer(adapter: Path, base: str, trust_remote_code: bool):
-    """The tokenizer saved with the adapter (training's, pad token included), else the base's."""
-    from transformers import AutoTokenizer
-
-    for source in (adapter, base):
-        if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    return None
+def save_tokenizer(base: str, destination: Path, trust_remote_code: bool) -> None:
+    """The base's tokenizer files, byte for byte: re-saving a tokenizer can change it (transformers 5 drops
+    settings such as Baichuan2's add_bos_token: false), and the merged model must encode as training did.
+    A hub id's tokenizer (no local files to copy) is saved by transformers."""
+    if not Path(base).is_dir():
+        load_tokenizer(base, trust_remote_code, flag="--base_model").save_pretrained(destination)
+        return
+    for pattern in TOKENIZER_PATTERNS:
+        for source in Path(base).glob(pattern):
+            shutil.copy2(source, destination / source.name)
 
 
 def replace_dir(staging: Path, output_dir: Path) -> None:

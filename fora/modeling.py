@@ -1,26 +1,28 @@
 """Models: find and load the base, attach an adapter, and record how, so later steps need only the adapter.
 
 load base (dtype, 4/8-bit, trust_remote_code) → find target linear layers → attach LoRA (PEFT) or
-FoRA (fusion_lora.py) → write `fora_run.json` next to the adapter.
+FoRA (fusion_lora.py). What training decided is recorded by `fora.run.RunRecord`; `load_inference_model`
+loads from it what prediction and chat run.
 """
 
 import contextlib
 import importlib.util
 import json
 import os
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fora.errors import UserError
+from fora.run import RUN_FILE, RunRecord, inference_dtype, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RUN_FILE = "fora_run.json"  # what training decided: base, dtype, quantization, template, adapter type
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def ensure_default_model() -> Path:
@@ -76,26 +78,6 @@ def resolve_model_path(name_or_path: str | None, flag: str = "--model_name_or_pa
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return name_or_path  # a hub id; transformers reports it if it cannot be fetched
     raise UserError(f"{flag} {name_or_path}: no such folder")
-
-
-def load_tokenizer(
-    model_path: str, trust_remote_code: bool = False, padding_side: str = "right", flag: str = "--model_name_or_path"
-):
-    """The tokenizer of `model_path`; `flag` names where the path came from, for the error message."""
-    from transformers import AutoTokenizer
-
-    folder = Path(model_path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{flag} {model_path}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
-    except OSError as error:  # e.g. a path that does not exist, taken for a hub id, with no network
-        problem = "cannot load its tokenizer" if folder.is_dir() else "no such folder, and not fetchable as a hub id"
-        raise UserError(f"{flag} {model_path}: {problem} ({str(error).splitlines()[0]})") from None
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked by attention_mask and labels, so any token serves.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype):
@@ -308,7 +290,17 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
         in_4bit = getattr(model, "is_loaded_in_4bit", False)
         if in_4bit or not quantized:
             config = use_addmm_layers(config, quantized_4bit=in_4bit)
-    return get_peft_model(model, config)
+    with _peft_reading_deprecated_attribute():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _peft_reading_deprecated_attribute():
+    """PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (in favour of
+    `is_activation_checkpointing`); the read is PEFT's, not ours, so only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -330,21 +322,11 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def write_run_info(output_dir: str, info: dict) -> None:
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / RUN_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def read_run_info(adapter_dir: str) -> dict:
-    path = Path(adapter_dir) / RUN_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def require_remote_code_flag(trust_remote_code: bool, run_info: dict, adapter_dir, base: str) -> None:
+def require_remote_code_flag(trust_remote_code: bool, record: RunRecord | None, adapter_dir, base: str) -> None:
     """A recorded run never switches remote code on by itself: an adapter folder may come from anyone."""
-    if run_info.get("trust_remote_code") and not trust_remote_code:
+    if record and record.trust_remote_code and not trust_remote_code:
         raise UserError(
-            f"{adapter_dir}: its base {base} was trained with --trust_remote_code (fora_run.json); "
+            f"{adapter_dir}: its base {base} was trained with --trust_remote_code ({RUN_FILE}); "
             "pass --trust_remote_code if you trust that folder's Python code"
         )
 
@@ -362,9 +344,10 @@ def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False, flag:
         raise UserError(f"{flag} {adapter_dir}: not an adapter directory (no adapter_config.json)")
     base = base_model.name_or_path
     try:
-        return PeftModel.from_pretrained(
-            base_model, adapter_dir, config=load_fora_config(adapter_dir), is_trainable=is_trainable
-        )
+        with _peft_reading_deprecated_attribute():
+            return PeftModel.from_pretrained(
+                base_model, adapter_dir, config=load_fora_config(adapter_dir), is_trainable=is_trainable
+            )
     except ValueError as error:  # e.g. PEFT's "Target modules ... not found in the base model"
         raise UserError(f"{flag} {adapter_dir}: does not fit the base model {base} ({str(error).splitlines()[0]})") from None
     except RuntimeError as error:
@@ -383,27 +366,26 @@ def load_inference_model(
     quantization_bit: int | None = None,
     merge: bool = True,
 ):
-    """Model, left-padding tokenizer and run info for generation, from whatever `model_dir` holds.
+    """Model, left-padding tokenizer and what was loaded, for generation, from whatever `model_dir` holds.
 
-    - an adapter folder (adapter_config.json; a checkpoint-N inside a run works too): its base is
-      `base_model`, else the base recorded in fora_run.json, loaded with the recorded dtype,
-      quantization (remote code only with the flag); the adapter is merged in unless the base is quantized;
+    - an adapter folder (adapter_config.json; a checkpoint-N too): its base is `base_model`, else the
+      one in its run record, loaded in the recorded dtype and quantization (remote code only with the
+      flag). With `merge`, the adapter is merged into a float32 base for speed; in half precision it
+      stays a separate product as in training, since a bf16/fp16 weight cannot hold W0 + dW without
+      rounding much of a small dW away; on a quantized base it always stays separate;
     - a model folder (config.json + weights; merged or fully fine-tuned): loaded as it is;
     - None: the base model itself (`base_model`, else the embedded default).
-    Flags given here win over the recorded values. The returned info is fora_run.json (empty if
-    none) updated with what was loaded: model_kind (adapter, model, base), base_model, torch_dtype,
-    quantization_bit.
+    Flags given here win over the recorded values. The tokenizer comes from the folder holding the
+    weights (the base under an adapter), as training loaded it. The returned info is the run record as
+    a dict (empty if none) plus model_kind (adapter, model, base), base_model, torch_dtype,
+    quantization_bit and merged.
     """
-
-    info: dict = {}
-    kind, adapter = "base", None
+    record, kind, adapter = None, "base", None
     if model_dir:
         path = Path(model_dir)
         if not path.is_dir():
             raise UserError(f"--model_dir {model_dir}: no such folder")
-        info = read_run_info(model_dir)
-        if not info and path.name.startswith("checkpoint-"):  # a Trainer checkpoint: the run's record is one up
-            info = read_run_info(str(path.parent))
+        record = RunRecord.load(path)
         if (path / "adapter_config.json").is_file():
             kind, adapter = "adapter", model_dir
         elif (path / "config.json").is_file():
@@ -416,7 +398,7 @@ def load_inference_model(
     model_source, model_flag = base_model, "--ori_model_dir"
     if kind == "adapter":
         with open(path / "adapter_config.json", encoding="utf-8") as f:
-            recorded_base = info.get("base_model") or json.load(f).get("base_model_name_or_path")
+            recorded_base = record.base_model if record else json.load(f).get("base_model_name_or_path")
         model_source = base_model or recorded_base
         if not base_model and recorded_base and not Path(recorded_base).exists() and recorded_base.count("/") != 1:
             raise UserError(
@@ -426,35 +408,27 @@ def load_inference_model(
     elif kind == "model":
         model_source, model_flag = model_dir, "--model_dir"
     model_path = resolve_model_path(model_source, model_flag)
-    if quantization_bit is None and kind == "adapter":
-        quantization_bit = info.get("quantization_bit")
-    # The recorded or requested dtype; without CUDA, half precision only where the CPU does bf16 natively.
-    dtype_name = (info.get("torch_dtype") if torch_dtype == "auto" else torch_dtype) or "float32"
-    dtype_name = "float32" if dtype_name == "auto" else dtype_name
-    if not torch.cuda.is_available() and dtype_name in ("float16", "bfloat16"):
-        dtype_name = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    dtype = getattr(torch, dtype_name)
-    require_remote_code_flag(trust_remote_code, info, model_dir, model_path)
+    if quantization_bit is None and kind == "adapter" and record:
+        quantization_bit = record.quantization_bit
+    dtype_name = inference_dtype(torch_dtype, record)
+    require_remote_code_flag(trust_remote_code, record, model_dir, model_path)
 
-    has_tokenizer = adapter and any((Path(adapter) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
-    if has_tokenizer:
-        tokenizer = load_tokenizer(adapter, trust_remote_code, padding_side="left", flag="--model_dir")
-    else:
-        tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
-    model = load_model(model_path, dtype, trust_remote_code, quantization_bit, flag=model_flag)
+    tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
+    model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag)
+    merged = False
     if adapter:
         model = load_adapter(model, adapter, flag="--model_dir")
-        if merge and not quantization_bit:
-            model = model.merge_and_unload()  # W + dW once: same outputs up to rounding, no adapter work per token
+        if merge and not quantization_bit and dtype_name == "float32":
+            model, merged = model.merge_and_unload(), True  # W + dW once: same outputs up to rounding, no adapter work per token
     if not quantization_bit and torch.cuda.is_available():
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     model.eval()
     info = {
-        **info,
+        **(asdict(record) if record else {}),
         "model_kind": kind,
         "base_model": model_path,
         "torch_dtype": dtype_name,
         "quantization_bit": quantization_bit,
+        "merged": merged,
     }
     return model, tokenizer, info
-

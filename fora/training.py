@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.data import IGNORE_INDEX
 from fora.errors import UserError
+from fora.run import RunRecord
 
 LOSS_CHUNK = 2048  # supervised positions per output-layer chunk
 # Saves are written under this prefix and renamed into place when complete. Nothing that looks for
@@ -124,7 +125,8 @@ class SupervisedTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, run_record: RunRecord | None = None, **kwargs):
+        self.run_record = run_record  # written into every checkpoint, so each one describes itself
         super().__init__(*args, **kwargs)
         # Let the Trainer count supervised tokens over the accumulated batch (and across ranks).
         self.model_accepts_loss_kwargs = True
@@ -213,6 +215,8 @@ class SupervisedTrainer(Trainer):
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every rank's part (its RNG state, DeepSpeed shards) is written
         if self.args.should_save:
+            if self.run_record:
+                self.run_record.save(staged)
             shutil.rmtree(final, ignore_errors=True)  # the same step, saved by an earlier run in this folder
             os.rename(staged, final)
             os.rmdir(staging)

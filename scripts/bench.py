@@ -160,7 +160,7 @@ def supervised_count(sample: dict) -> int:
 
 def half_precision() -> bool:
     """bf16 for both recipes: on CUDA, or on a CPU that multiplies bf16 natively."""
-    from config import cpu_has_bf16
+    from fora.run import cpu_has_bf16
 
     return torch.cuda.is_available() or cpu_has_bf16()
 
@@ -458,13 +458,13 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from fora import modeling
+    from fora import modeling, run
     from fora.templates import get_template
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model_path = str(modeling.ensure_default_model())
-    tokenizer = modeling.load_tokenizer(model_path)
+    tokenizer = run.load_tokenizer(model_path)
     template = get_template(tokenizer, None)
     train_file = write_records(SHARED_DATA / "spo_0.json", setting.records, work / "train.json")
     eval_file = write_records(SHARED_DATA / "spo_1.json", setting.eval_records, work / "heldout.json")

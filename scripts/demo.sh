@@ -8,7 +8,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$REPO/scripts/setup.sh"
 cd "$REPO"
 OUT="${OUT:-output/demo}"
-PREDICT=(--test_path data/test.json --max_src_len 512 --max_new_tokens 64 --batch_size 20 --overwrite_output_dir)
+PREDICT=(--test_path data/test.json --max_src_len 512 --max_new_tokens 64 --overwrite_output_dir)
 
 echo "== 1/3 Score the base model"
 python predict_fora.py "${PREDICT[@]}" --output_dir "$OUT/before"

@@ -56,7 +56,7 @@ def tiny_model_plain(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from fora.modeling import load_tokenizer
+    from fora.run import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 

@@ -441,12 +441,13 @@ def test_an_adapter_recorded_with_remote_code_does_not_switch_it_on(predict, cap
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fora.modeling import write_run_info
+    from fora.run import RunRecord
 
     adapter = tmp_path / "adapter"
     lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
-    write_run_info(str(adapter), {"base_model": str(tiny_model), "finetuning_type": "lora", "trust_remote_code": True})
+    recorded = {"base_model": str(tiny_model), "finetuning_type": "lora", "torch_dtype": "float32", "trust_remote_code": True}
+    RunRecord(**recorded).save(adapter)
     message = (
         f"{adapter}: its base {tiny_model} was trained with --trust_remote_code (fora_run.json); "
         "pass --trust_remote_code if you trust that folder's Python code"

@@ -50,7 +50,7 @@ def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, ti
 
 def test_bf16_trains_under_autocast(tmp_path, tiny_model):
     """--bf16 on a CPU with native bf16: a bf16 base, autocast forward, the head loss outside it (float32 elsewhere)."""
-    from config import cpu_has_bf16
+    from fora.run import cpu_has_bf16
 
     out, result = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", "--bf16")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,11 +10,10 @@ from config import (
     FinetuningArguments,
     ModelArguments,
     TrainArguments,
-    cpu_has_bf16,
     parse_args,
-    resolve_precision,
 )
 from fora.errors import UserError
+from fora.run import cpu_has_bf16, training_dtype
 
 ALL = (ModelArguments, DataArguments, FinetuningArguments, TrainArguments)
 
@@ -199,7 +198,7 @@ def test_logging_dir_defaults_under_the_output_dir(out):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies without CUDA")
 def test_fp16_falls_back_with_one_warning_line(out, capfd):
     model, _, _, training = parse(out, "--fp16", "--torch_dtype", "float16")
-    dtype = resolve_precision(model, training)
+    dtype = training_dtype(model, training)
     cpu_half = "bfloat16" if cpu_has_bf16() else "float32"
     assert dtype == getattr(torch, cpu_half) and not training.fp16
     assert training.bf16 == cpu_has_bf16()
@@ -210,7 +209,7 @@ def test_fp16_falls_back_with_one_warning_line(out, capfd):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies without CUDA")
 def test_fp16_alone_warns_once_and_auto_dtype_follows(out, capfd):
     model, _, _, training = parse(out, "--fp16")
-    dtype = resolve_precision(model, training)
+    dtype = training_dtype(model, training)
     cpu_half = "bfloat16" if cpu_has_bf16() else "float32"
     assert dtype == getattr(torch, cpu_half)
     assert capfd.readouterr().err.splitlines() == [f"warning: no CUDA here; --fp16 -> {cpu_half} on this CPU"]
@@ -218,7 +217,7 @@ def test_fp16_alone_warns_once_and_auto_dtype_follows(out, capfd):
 
 def test_no_precision_flags_no_warning(out, capfd):
     model, _, _, training = parse(out)
-    assert resolve_precision(model, training) == torch.float32
+    assert training_dtype(model, training) == torch.float32
     assert capfd.readouterr().err == ""
 
 

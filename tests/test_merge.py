@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from config import FinetuningArguments
 from conftest import REPO, run_script
 from fora import modeling
+from fora.run import RunRecord
 
 TOKENS = torch.tensor([[1, 17, 400, 2301, 77, 5, 9000, 33, 120, 8]])
 
@@ -30,11 +31,8 @@ def make_adapter(base, folder, finetuning_type="lora", quantization_bit=None, se
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     model.save_pretrained(folder)
-    modeling.write_run_info(
-        str(folder),
-        {"base_model": str(base), "finetuning_type": finetuning_type, "torch_dtype": "float32",
-         "quantization_bit": quantization_bit},
-    )
+    RunRecord(base_model=str(base), finetuning_type=finetuning_type, torch_dtype="float32",
+              quantization_bit=quantization_bit).save(folder)
     return folder
 
 

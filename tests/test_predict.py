@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD, REPO, SHARED_DATA, run_script, write_jsonl
+from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 from fora.errors import UserError
 
 TEST_DATA = REPO / "data" / "test.json"
@@ -40,7 +40,7 @@ def peft_adapter(base: Path, folder: Path, kind: str = "lora", **run_info) -> Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fora import modeling
+    from fora.run import RunRecord
     from fusion_lora import ForaConfig
 
     torch.manual_seed(1)
@@ -54,11 +54,11 @@ def peft_adapter(base: Path, folder: Path, kind: str = "lora", **run_info) -> Pa
             if "lora_" in name:
                 parameter.normal_(0, 0.5)
     model.save_pretrained(folder)
-    modeling.write_run_info(str(folder), {
+    RunRecord(**{
         "base_model": str(base), "finetuning_type": kind, "torch_dtype": "float32", "quantization_bit": None,
         "trust_remote_code": False, "template": None, "max_source_length": 512, "max_target_length": 512,
         **run_info,
-    })
+    }).save(folder)
     return folder
 
 
@@ -151,7 +151,7 @@ def test_prefill_cache_holds_what_each_prompt_computes_alone(tiny_model, monkeyp
         for row, prompt in enumerate(prompts):
             assert input_ids[row][attention_mask[row].bool()].tolist() == prompt
             reference = DynamicCache()
-            model(input_ids=torch.tensor([prompt]), past_key_values=reference, use_cache=True)
+            model(input_ids=torch.tensor([prompt]), cache=reference, use_cache=True)
             own = attention_mask[row, : width - 1].nonzero().squeeze(-1)
             gap = (attention_mask[row, : width - 1] == 0).nonzero().squeeze(-1)
             for layer, expected in zip(cache.layers, reference.layers):
@@ -202,7 +202,7 @@ def test_build_prompt_keeps_the_question_when_history_is_long(tokenizer):
 def test_seed_command_line(trained_lora, tiny_model, tmp_path):
     """The seed's form, predictions written into the adapter folder; --max_len caps prompt + answer."""
     adapter = Path(shutil.copytree(trained_lora, tmp_path / "out"))
-    records = read_jsonl(SHARED_DATA / "spo_1.json")[:3]
+    records = read_jsonl(REPO / "data" / "test.json")[:3]
     test_path = write_jsonl(tmp_path / "spo_1.json", records)
     result = run_script(
         "python", "predict_fora.py", "--ori_model_dir", str(tiny_model),
@@ -218,7 +218,7 @@ def test_seed_command_line(trained_lora, tiny_model, tmp_path):
     assert results["scored"] == results["total"] == 3
     assert {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "predict_runtime", "predict_samples_per_second"} <= set(results)
     assert results["model_kind"] == "adapter" and results["finetuning_type"] == "lora"
-    # Every spo prompt is longer than 32 tokens: cut to 32, leaving 40 - 32 = 8 tokens to generate.
+    # Every sample prompt is longer than 32 tokens: cut to 32, leaving 40 - 32 = 8 tokens to generate.
     assert results["prompts_truncated"] == 3 and results["generated_tokens"] <= 3 * 8
     assert "ROUGE-1" in result.stdout and "BLEU-4" in result.stdout and "Scored 3 of 3" in result.stdout
     assert "Generating" in result.stderr  # the progress bar

@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from config import FinetuningArguments
-from conftest import REPO, SHARED_DATA, run_script
+from conftest import REPO, run_script
 from fora import modeling
 from fusion_lora import ForaLinear4bit
 from train_qlora import PAGED_OPTIMIZER, with_paged_optimizer
@@ -133,7 +133,8 @@ def test_paged_optimizer_only_on_cuda(tmp_path):
 
 
 def spo_subset(tmp_path, records: int):
-    lines = (SHARED_DATA / "spo_0.json").read_text(encoding="utf-8").splitlines()[:records]
+    """The first records of the project's own sample data (the seed's spo_0.json has the same fields)."""
+    lines = (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines()[:records]
     path = tmp_path / "spo_0.json"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

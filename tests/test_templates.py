@@ -3,7 +3,7 @@
 import pytest
 
 from fora.errors import UserError
-from fora.modeling import load_tokenizer
+from fora.run import load_tokenizer
 from fora.templates import NAMED_TEMPLATES, ChatTemplate, get_template
 
 TURNS = [("Hi", "Hello"), ("And?", "Bye")]
