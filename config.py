@@ -259,7 +259,9 @@ class TrainArguments(TrainingArguments):
         default=True,
         metadata={
             "help": "Apply the output layer and loss only at positions whose label is trained (same loss, "
-            "less work). False: logits over the whole vocabulary at every position, as plain transformers does."
+            "less work), on the architectures where a test proves it equal to the model's own loss; others get "
+            "full logits and the log says so. False: logits over the whole vocabulary at every position, as plain "
+            "transformers does."
         },
     )
     report_to: None | str | list[str] = field(

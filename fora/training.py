@@ -2,15 +2,18 @@
 
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PretrainedConfig, Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
@@ -24,6 +27,7 @@ LOSS_CHUNK = 2048  # supervised positions per output-layer chunk
 STAGING_PREFIX = ".tmp-"
 CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 NO_BAD_STEP = torch.iinfo(torch.int64).max
+logger = logging.getLogger(__name__)
 
 
 class PaddingCollator:
@@ -46,12 +50,48 @@ class PaddingCollator:
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
-def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class OutputLogits:
+    """What a model's forward does to its output layer's result z before the loss:
+    logits = softcap·tanh(scale·z / softcap), or scale·z when there is no softcap."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def plain_logits(config: PretrainedConfig) -> OutputLogits:
+    return OutputLogits()
+
+
+def softcapped_logits(config: PretrainedConfig) -> OutputLogits:
+    return OutputLogits(softcap=config.final_logit_softcapping)  # None: the model leaves its logits as they are
+
+
+# The proven list: model types whose supervised-position loss tests/test_loss_parity.py shows equal to the
+# model's own `model(input_ids, attention_mask, labels)` (loss and gradients, right-padded batch), each with
+# what its forward applies after the output layer. Any other model gets full logits and its padding mask.
+SUPERVISED_LOSS_MODELS: dict[str, Callable[[PretrainedConfig], OutputLogits]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "phi", "phi3", "olmo", "olmo2", "olmo3",
+         "smollm3", "glm4", "starcoder2", "stablelm", "gpt_neox", "gpt2", "gpt_bigcode", "bloom", "falcon", "opt"),
+        plain_logits,
+    ),
+    "gemma2": softcapped_logits,
+    "gemma3_text": softcapped_logits,
+    "cohere": lambda config: OutputLogits(scale=config.logit_scale),
+    "cohere2": lambda config: OutputLogits(scale=config.logit_scale),
+    "granite": lambda config: OutputLogits(scale=1 / config.logits_scaling),
+}
+
+
+def supervised_loss_sum(
+    states: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None, output: OutputLogits = OutputLogits()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the positions whose label is trained, and their count.
 
-    `states` are the final hidden states (then `head` is the output layer) or the logits (`head`
-    is None). Only supervised positions go through the head, LOSS_CHUNK rows at a time, so the
-    batch × length × vocabulary logits are never built (see HeadCrossEntropy).
+    `states` are the final hidden states (then `head` is the output layer and `output` what the model
+    does to its result) or the logits (`head` is None). Only supervised positions go through the head,
+    LOSS_CHUNK rows at a time, so the batch × length × vocabulary logits are never built (see HeadCrossEntropy).
     """
     targets = labels[:, 1:]
     positions = targets.ne(IGNORE_INDEX)
@@ -63,21 +103,25 @@ def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head: nn.Lin
         # Under mixed precision (--bf16/--fp16) accelerate upcasts the model's outputs to float32 after its
         # autocast forward; the head is applied here, outside that autocast, so it gets its own dtype back.
         selected = selected.to(head.weight.dtype)
-        total = HeadCrossEntropy.apply(selected, head.weight, head.bias, selected_targets, torch.is_grad_enabled())
+        total = HeadCrossEntropy.apply(
+            selected, head.weight, head.bias, selected_targets, output.scale, output.softcap, torch.is_grad_enabled()
+        )
     return total, positions.sum()
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(F.linear(hidden, weight, bias), targets)), with its gradients taken in the same pass.
+    """sum(cross_entropy(logits, targets)) with logits = OutputLogits(scale, softcap) of F.linear(hidden, weight, bias),
+    and its gradients taken in the same pass.
 
     Per chunk of LOSS_CHUNK rows: logits, log-normaliser, loss, then d loss / d logits = softmax − one-hot,
+    times d logits / d z (scale·(1 − tanh²) under a softcap, scale without) for the output layer's result z,
     which is multiplied into the gradients of hidden (and of weight and bias when they train) at once.
     The chunk's logits are freed before the next one, and backward only scales the stored gradients:
     autograd's own backward would keep every chunk's logits until then, or recompute them.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, with_grad: bool):
+    def forward(ctx, hidden, weight, bias, targets, scale: float, softcap: float | None, with_grad: bool):
         grads = [with_grad and need for need in ctx.needs_input_grad[:3]]
         grad_hidden = torch.empty_like(hidden) if grads[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads[1] else None
@@ -87,12 +131,20 @@ class HeadCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + LOSS_CHUNK)
             chunk, chunk_targets = hidden[rows], targets[rows]
             logits = F.linear(chunk, weight, bias).float()
+            if scale != 1:
+                logits.mul_(scale)
+            if softcap is not None:
+                logits.div_(softcap).tanh_().mul_(softcap)
             log_norm = logits.logsumexp(dim=-1)
             total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if not any(grads):
                 continue
+            # d logits / d z; under a softcap the one extra chunk-sized tensor, made before the softmax overwrites the logits
+            slope = scale if softcap is None else logits.div(softcap).square_().neg_().add_(1).mul_(scale)
             d_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             d_logits[torch.arange(len(chunk_targets), device=d_logits.device), chunk_targets] -= 1
+            if softcap is not None or scale != 1:
+                d_logits.mul_(slope)
             if grad_hidden is not None:
                 grad_hidden[rows] = d_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
@@ -106,21 +158,21 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*grads, None, None)
+        return (*grads, None, None, None, None)
 
 
 class SupervisedTrainer(Trainer):
     """HF Trainer whose loss applies the output layer only where a label is trained.
 
-    Models whose forward takes `logits_to_keep` (every transformers-native causal LM) return the
-    final hidden states and no logits; the output layer then runs on the supervised
-    positions only. Remote-code models without it, and output layers that are not a plain
-    nn.Linear (adapted, quantized or wrapped by modules_to_save), get their full logits reduced
-    the same way.
+    Models on the proven list (SUPERVISED_LOSS_MODELS, transformers-native: their forward takes
+    `logits_to_keep`) return the final hidden states and no logits; the output layer and what the
+    model's forward does after it (OutputLogits) then run on the supervised positions only. Other
+    models, and output layers that are not a plain nn.Linear (adapted, quantized or wrapped by
+    modules_to_save), get their full logits reduced the same way.
 
     Batches come right-padded (PaddingCollator). A causal model's real tokens never attend to the
-    padding after them, so native models get no padding mask: their attention takes its causal
-    fast path, and the padding's own outputs are never trained (label -100).
+    padding after them, so models on the proven list get no padding mask: their attention takes its
+    causal fast path, and the padding's own outputs are never trained (label -100).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
@@ -131,10 +183,20 @@ class SupervisedTrainer(Trainer):
         # Let the Trainer count supervised tokens over the accumulated batch (and across ranks).
         self.model_accepts_loss_kwargs = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        native = "logits_to_keep" in inspect.signature(base.forward).parameters
+        model_type = base.config.model_type
+        # Remote code may carry a listed model_type, and may read the mask for more than attention.
+        proven = model_type in SUPERVISED_LOSS_MODELS and "logits_to_keep" in inspect.signature(base.forward).parameters
         plain_head = type(base.get_output_embeddings()) is nn.Linear
-        self.head_on_selected = native and plain_head and getattr(self.args, "supervised_logits", True)
-        self.drop_padding_mask = native  # remote code may read the mask for more than attention
+        requested = getattr(self.args, "supervised_logits", True)
+        self.head_on_selected = proven and plain_head and requested
+        self.output_logits = SUPERVISED_LOSS_MODELS[model_type](base.config) if self.head_on_selected else None
+        self.drop_padding_mask = proven
+        if requested and not proven and self.is_world_process_zero():
+            logger.warning(
+                f"--supervised_logits: model_type {model_type!r} is not on the list of architectures whose "
+                "supervised-position loss is proven equal to the model's own (SUPERVISED_LOSS_MODELS in "
+                "fora/training.py); training computes full logits with the padding mask instead (exact, slower)"
+            )
         # Tokens in the training batches this process built, and how many were real (not padding);
         # the real count stays a tensor on the device so counting never waits for the accelerator.
         self.batch_tokens, self.real_tokens = 0, 0
@@ -153,7 +215,7 @@ class SupervisedTrainer(Trainer):
             no_logits = torch.empty(0, dtype=torch.long, device=labels.device)
             outputs = model(**model_inputs, logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            loss_sum, count = supervised_loss_sum(outputs.hidden_states[-1], labels, head)
+            loss_sum, count = supervised_loss_sum(outputs.hidden_states[-1], labels, head, self.output_logits)
         else:
             outputs = model(**model_inputs, use_cache=False)
             loss_sum, count = supervised_loss_sum(outputs.logits, labels, None)

@@ -410,14 +410,17 @@ def patched(owner, name: str, value):
         setattr(owner, name, saved)
 
 
-def recomputed_head_loss(hidden, weight, bias, targets, with_grad):
+def recomputed_head_loss(hidden, weight, bias, targets, scale, softcap, with_grad):
     """The supervised head loss the plain autograd way: each chunk checkpointed, its logits recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
 
     from fora.training import LOSS_CHUNK
 
     def chunk_loss(chunk, chunk_targets):
-        return F.cross_entropy(F.linear(chunk, weight, bias).float(), chunk_targets, reduction="sum")
+        logits = F.linear(chunk, weight, bias).float() * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, chunk_targets, reduction="sum")
 
     chunks = range(0, hidden.shape[0], LOSS_CHUNK)
     return sum(checkpoint(chunk_loss, hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK], use_reentrant=False) for i in chunks)

@@ -91,26 +91,37 @@ def test_supervised_positions_give_the_full_loss_and_gradients(tiny_model, token
 
 
 @pytest.mark.parametrize("chunk", [training.LOSS_CHUNK, 3])
-def test_head_loss_gives_autograds_gradients_for_hidden_weight_and_bias(monkeypatch, chunk):
-    """Full fine-tuning trains the output layer too: its weight and bias gradients must match autograd's."""
+@pytest.mark.parametrize(
+    "output",
+    [training.OutputLogits(), training.OutputLogits(scale=3.0), training.OutputLogits(softcap=0.5),
+     training.OutputLogits(scale=2.0, softcap=1.5)],
+    ids=["plain", "scaled", "softcapped", "scaled-softcapped"],
+)
+def test_head_loss_gives_autograds_gradients_for_hidden_weight_and_bias(monkeypatch, chunk, output):
+    """Full fine-tuning trains the output layer too: its weight and bias gradients must match autograd's,
+    through the logit scale and tanh softcap of the models that apply them."""
     monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
     head = torch.nn.Linear(8, 50)
     targets = torch.randint(0, 50, (10,), generator=generator)
 
-    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    def model_logits(weight, bias):  # as the models' forwards write it
+        logits = torch.nn.functional.linear(hidden, weight, bias) * output.scale
+        return logits if output.softcap is None else torch.tanh(logits / output.softcap) * output.softcap
+
+    expected = torch.nn.functional.cross_entropy(model_logits(head.weight, head.bias), targets, reduction="sum")
     expected_grads = torch.autograd.grad(3 * expected, (hidden, head.weight, head.bias))
-    loss = training.HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, True)
+    loss = training.HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, output.scale, output.softcap, True)
     grads = torch.autograd.grad(3 * loss, (hidden, head.weight, head.bias))
 
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # evaluation: the same loss, no gradient work
-        assert training.HeadCrossEntropy.apply(hidden, head.weight, None, targets, False).item() == pytest.approx(
-            torch.nn.functional.cross_entropy(hidden @ head.weight.T, targets, reduction="sum").item(), rel=1e-6
-        )
+        loss = training.HeadCrossEntropy.apply(hidden, head.weight, None, targets, output.scale, output.softcap, False)
+        want = torch.nn.functional.cross_entropy(model_logits(head.weight, None), targets, reduction="sum")
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_accumulated_batches_divide_by_the_tokens_of_all_of_them(adapted, tokenizer):
