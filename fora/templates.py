@@ -33,8 +33,9 @@ def fit_user_text(encode_prompt: Callable[[str], list[int]], user: str, max_leng
 
     Only the user's text is cut, and at its end: a record's instruction comes first and stays, and
     what the template writes around the text (system text, role headers, special tokens) stays whole.
-    The shortened prompt is rendered and tokenized as a whole, like any other, so it has
-    `max_length` tokens, or fewer where one more character would add more than one token.
+    The shortened prompt is rendered and tokenized as a whole, like any other (a prompt that fits keeps
+    exactly the ids it had), and has `max_length` tokens, or fewer only where one more character would
+    not fit (a character of several tokens). A text is never cut inside a character.
     """
     ids = encode_prompt(user)
     if max_length is None or len(ids) <= max_length:

@@ -570,7 +570,8 @@ def test_bad_data_stops_build_dataset(tokenizer, tmp_path, data_args):
 )
 def test_cut_prompt_keeps_its_header_and_is_masked_whole(tokenizer, plain_tokenizer, tmp_path, template_name, header):
     tokenizer = plain_tokenizer if template_name else tokenizer
-    long = {"instruction": "Extract the triples.", "input": "The pump leaks oil. 发动机水温高。" * 60, "output": "pump_leaks"}
+    text = "The pump leaks oil. 发动机水温高。" * 60
+    long = {"instruction": "Extract the triples.", "input": text, "output": "pump_leaks"}
     path = write_jsonl(tmp_path / "d.json", [long])
     (row,) = tokenize(tokenizer, path, get_template(tokenizer, template_name), max_source_length=64, max_target_length=16)
     assert row["truncated"] is True
@@ -584,8 +585,8 @@ def test_cut_prompt_keeps_its_header_and_is_masked_whole(tokenizer, plain_tokeni
 def test_limit_below_the_template_names_the_record(tokenizer, tmp_path, data_args):
     records = [ALPACA, {**ALPACA, "system": "You extract fault triples from Chinese repair notes. " * 5}]
     path = write_jsonl(tmp_path / "d.json", records)
-    (bare,) = get_template(tokenizer, None).encode(tokenizer, records[1]["system"], [("", None)])
-    limit = len(bare.prompt) - 5  # the first record fits, the second one's system text alone does not
+    bare = get_template(tokenizer, None).encode(tokenizer, records[1]["system"], [("", None)])[0][0]
+    limit = len(bare) - 5  # the first record fits, the second one's system text alone does not
     message = user_error(lambda: build(path, tokenizer, replace(data_args, max_source_length=limit)))
     assert re.fullmatch(
         rf"{re.escape(str(path))}: line 2: --max_source_length {limit} leaves no room for the user's text: "

@@ -188,10 +188,10 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tiny_model):
 
 
 # --- a prompt longer than max_source_length: the end of the user's text is cut, the template stays --------
+# Through generate.build_prompt, the prediction prompt; training cuts the same way (test_data, test_predict).
 
 LONG_USER = "请你帮我抽取出关系三元组。文本：" + "The pump leaks oil; 发动机水温高，风扇转速慢。" * 30
 SYSTEM = "Be brief."
-MARK = "USER-TEXT-HERE"
 
 
 def all_templates():
@@ -202,48 +202,48 @@ def template_and_tokenizer(name, tokenizer, plain_tokenizer):
     return (ChatTemplate(), tokenizer) if name == ChatTemplate.name else (NAMED_TEMPLATES[name], plain_tokenizer)
 
 
-def around_user_text(tokenizer, template, system) -> tuple[str, str]:
-    """The prompt's text before and after the user's text (system part and header), uncut."""
-    (prompt, _, _), = template.encode(tokenizer, system, [(MARK, None)])
-    head, tail = decode(tokenizer, prompt).split(MARK)
-    return head, tail
+def uncut_prompt(tokenizer, template, user: str) -> list[int]:
+    return template.encode(tokenizer, SYSTEM, [(user, None)])[0][0]
+
+
+def prompt_for(tokenizer, template, user: str, max_source_length: int) -> tuple[list[int], bool]:
+    from fora.data import Conversation
+    from fora.generate import build_prompt
+
+    conversation = Conversation("test.json: line 1", SYSTEM, [(user, None)])
+    return build_prompt(tokenizer, template, conversation, max_source_length, 64)
 
 
 @pytest.mark.parametrize("name", all_templates())
 def test_long_prompt_keeps_the_template_and_the_start_of_the_user_text(tokenizer, plain_tokenizer, name):
     template, tokenizer = template_and_tokenizer(name, tokenizer, plain_tokenizer)
-    head, tail = around_user_text(tokenizer, template, SYSTEM)
-    (whole, _, _), = template.encode(tokenizer, SYSTEM, [(MARK, None)])
-    limit = len(whole) + 40
-    (prompt, response, cut), = template.encode(tokenizer, SYSTEM, [(LONG_USER, None)], limit)
-    assert cut and response == []
+    marked = uncut_prompt(tokenizer, template, "USER-TEXT-HERE")
+    head, tail = decode(tokenizer, marked).split("USER-TEXT-HERE")  # the system part and the assistant header
+    limit = len(marked) + 40
+    prompt, cut = prompt_for(tokenizer, template, LONG_USER, limit)
+    assert cut
     text = decode(tokenizer, prompt)
-    # The system part and the header are whole, and what is between them is the start of the user's text.
     assert text.startswith(head) and text.endswith(tail)
     kept = text[len(head) : len(text) - len(tail)]
     assert 0 < len(kept) < len(LONG_USER) and LONG_USER.startswith(kept)
     # Every special token of the template is there, in order (the header's included).
     specials = set(tokenizer.all_special_ids)
-    assert [t for t in prompt if t in specials] == [t for t in whole if t in specials]
-    # As long as the limit allows: exactly the limit, or fewer only when one more character would not fit.
-    if len(prompt) < limit:
-        (longer, _, _), = template.encode(tokenizer, SYSTEM, [(LONG_USER[: len(kept) + 1], None)])
-        assert len(longer) > limit
+    assert [t for t in prompt if t in specials] == [t for t in marked if t in specials]
+    # Exactly the limit, or fewer only where one more character would not fit.
+    assert len(prompt) == limit or len(uncut_prompt(tokenizer, template, LONG_USER[: len(kept) + 1])) > limit
     assert len(prompt) <= limit
 
 
 @pytest.mark.parametrize("name", all_templates())
 def test_prompt_that_fits_is_encoded_as_without_a_limit(tokenizer, plain_tokenizer, name):
+    """Prompts that fit keep the ids they always had, so caches and references made before still hold."""
     template, tokenizer = template_and_tokenizer(name, tokenizer, plain_tokenizer)
-    turns = [(LONG_USER, "an answer"), ("短的问题", None)]
-    uncut = template.encode(tokenizer, SYSTEM, turns)
-    limit = max(len(s.prompt) for s in uncut)
-    assert template.encode(tokenizer, SYSTEM, turns, limit) == uncut
-    assert not any(s.cut for s in uncut)
+    uncut = uncut_prompt(tokenizer, template, LONG_USER)
+    assert prompt_for(tokenizer, template, LONG_USER, len(uncut)) == (uncut, False)
 
 
 def test_every_turn_of_a_conversation_is_fitted(tokenizer):
-    """The chat template renders later turns after the earlier ones, cut as they were trained."""
+    """The chat template renders each turn after the earlier ones as they were cut."""
     turns = [(LONG_USER, "first answer"), (LONG_USER, "second answer"), ("short", None)]
     segments = ChatTemplate().encode(tokenizer, None, turns, 80)
     assert [s.cut for s in segments] == [True, True, False]
@@ -256,10 +256,10 @@ def test_every_turn_of_a_conversation_is_fitted(tokenizer):
 @pytest.mark.parametrize("name", ["alpaca", ChatTemplate.name])
 def test_limit_below_the_template_alone_is_a_user_error(tokenizer, plain_tokenizer, name):
     template, tokenizer = template_and_tokenizer(name, tokenizer, plain_tokenizer)
-    (bare, _, _), = template.encode(tokenizer, SYSTEM, [("", None)])
+    bare = uncut_prompt(tokenizer, template, "")
     with pytest.raises(UserError) as error:
-        template.encode(tokenizer, SYSTEM, [(LONG_USER, None)], len(bare) - 1)
+        prompt_for(tokenizer, template, LONG_USER, len(bare) - 1)
     assert str(error.value) == (
-        f"--max_source_length {len(bare) - 1} leaves no room for the user's text: "
+        f"test.json: line 1: --max_source_length {len(bare) - 1} leaves no room for the user's text: "
         f"the template and system text alone take {len(bare)} tokens"
     )
