@@ -125,7 +125,12 @@ class DataArguments:
         },
     )
     max_source_length: int = field(
-        default=512, metadata={"help": "Prompt tokens kept per turn (template included); longer prompts are cut."}
+        default=512,
+        metadata={
+            "help": "Prompt tokens kept per turn, template included. A longer prompt loses the END of the user's "
+            "text (its start, where the instruction is, stays); the template's system text, role headers and "
+            "special tokens are never cut (a limit they alone exceed is an error)."
+        },
     )
     max_target_length: int = field(
         default=512, metadata={"help": "Response tokens kept per turn, EOS included; longer responses are cut."}
@@ -504,7 +509,8 @@ class PredictArguments:
         default=None,
         metadata={
             "aliases": ["--max_source_length"],
-            "help": "Prompt tokens kept per turn, cut exactly as training cuts them. Default: the training "
+            "help": "Prompt tokens kept per turn, cut exactly as training cuts them: the END of the user's text "
+            "is cut, the template (system text, headers, special tokens) is kept whole. Default: the training "
             "--max_source_length recorded in fora_run.json, else 512.",
         },
     )

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fora.errors import UserError
-from fora.templates import Turn
+from fora.templates import Segment, Turn
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt")
 MOSTLY_EMPTY = 0.5  # --empty_response train refuses a file in which more than this share of responses is empty
-CACHE_VERSION = "2"  # bump when encoding changes so old caches are not reused
+CACHE_VERSION = "3"  # bump when encoding changes so old caches are not reused
 
 
 @dataclass
@@ -289,17 +289,29 @@ def _json_type(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def encode(segments, max_source_length: int, max_target_length: int) -> tuple[list[int], list[int], bool]:
+def render_turns(
+    tokenizer, template, where: str, system: str | None, turns: list[Turn], max_source_length: int
+) -> list[Segment]:
+    """`template.encode` with every prompt fitted to `max_source_length` (the end of the user's text
+    cut, the template kept whole); a limit too small for the template names the record."""
+    try:
+        return template.encode(tokenizer, system, turns, max_source_length)
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+
+
+def encode(segments: list[Segment], max_source_length: int, max_target_length: int) -> tuple[list[int], list[int], bool]:
     """Concatenate rendered turns into input ids and labels (-100 on every prompt position).
 
-    Each prompt is cut to `max_source_length` and each reply to `max_target_length`; later turns
-    that no longer fit in `max_source_length + max_target_length` are left out. Returns whether
-    anything was cut, so callers can count and report it.
+    Prompts arrive fitted to `max_source_length` by `render_turns`. Each reply is cut to
+    `max_target_length` (its stop token too when it falls past the cut); later turns that no longer
+    fit in `max_source_length + max_target_length` are left out. Returns whether anything was cut,
+    so callers can count and report it.
     """
     input_ids, labels, truncated = [], [], False
-    for prompt_ids, response_ids in segments:
-        if len(prompt_ids) > max_source_length or len(response_ids) > max_target_length:
-            prompt_ids, response_ids, truncated = prompt_ids[:max_source_length], response_ids[:max_target_length], True
+    for prompt_ids, response_ids, prompt_cut in segments:
+        truncated = truncated or prompt_cut or len(response_ids) > max_target_length
+        response_ids = response_ids[:max_target_length]
         if input_ids and len(input_ids) + len(prompt_ids) + len(response_ids) > max_source_length + max_target_length:
             truncated = True
             break
@@ -309,7 +321,9 @@ def encode(segments, max_source_length: int, max_target_length: int) -> tuple[li
 
 
 def tokenize_conversation(conversation: dict, tokenizer, template, max_source_length: int, max_target_length: int) -> dict:
-    segments = template.encode(tokenizer, conversation["system"], [tuple(t) for t in conversation["turns"]])
+    """One record ({"where", "system", "turns"}) as training input ids, labels and length."""
+    turns = [tuple(t) for t in conversation["turns"]]
+    segments = render_turns(tokenizer, template, conversation["where"], conversation["system"], turns, max_source_length)
     input_ids, labels, truncated = encode(segments, max_source_length, max_target_length)
     return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "truncated": truncated}
 
@@ -359,7 +373,7 @@ def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) ->
         )
     if not conversations:
         raise UserError(f"{path}: no records left to train on (all {empty} have an empty response; --empty_response skip)")
-    rows = [{"system": c.system, "turns": [list(t) for t in c.turns]} for c in conversations]
+    rows = [{"where": c.where, "system": c.system, "turns": [list(t) for t in c.turns]} for c in conversations]
     dataset = datasets.Dataset.from_list(rows).map(
         tokenize_conversation,
         fn_kwargs=dict(
@@ -368,7 +382,7 @@ def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) ->
             max_source_length=data_args.max_source_length,
             max_target_length=data_args.max_target_length,
         ),
-        remove_columns=["system", "turns"],
+        remove_columns=["where", "system", "turns"],
         num_proc=data_args.preprocessing_num_workers if len(rows) >= 64 else None,
         desc=f"Tokenizing {Path(path).name}",
     )

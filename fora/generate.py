@@ -1,7 +1,7 @@
 """Batched generation shared by prediction, chat and federated evaluation.
 
-build_prompt: a conversation → the prompt ids for the reply to its last turn, rendered with the
-template and cut with `fora.data.encode`, exactly as training renders and cuts them.
+build_prompt: a conversation → the prompt ids for the reply to its last turn, rendered and cut
+(the end of the user's text, never the template) exactly as training renders and cuts them.
 generate_ids: prompts → newly generated ids per prompt, in input order. Prompts are sorted by
 length (longest first) and batched; the attention mask gives every row its own positions, so greedy
 output does not depend on the batch size in float32 (in bf16 a matmul's rounding does). On native
@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from fora.data import Conversation, encode
+from fora.data import Conversation, encode, render_turns
 
 
 def build_prompt(
@@ -26,16 +26,19 @@ def build_prompt(
 ) -> tuple[list[int], bool]:
     """Prompt ids for the reply to the last turn, and whether anything was cut.
 
-    History turns are kept as training keeps them (each prompt cut to `max_source_length`, each
-    reply to `max_target_length`); when the turn to answer no longer fits after them, the oldest
-    turns are left out until it does, so the prompt always ends with the question being asked.
+    Every prompt is fitted to `max_source_length` as training fits it (the end of the user's text
+    cut, the template and its assistant header kept whole), each history reply cut to
+    `max_target_length`; when the turn to answer no longer fits after them, the oldest turns are
+    left out until it does, so the prompt always ends with the question being asked.
     """
     turns = list(conversation.turns)
     turns[-1] = (turns[-1][0], None)  # the reply is generated, never shown
     for first in range(len(turns)):
-        segments = template.encode(tokenizer, conversation.system, turns[first:])
+        segments = render_turns(
+            tokenizer, template, conversation.where, conversation.system, turns[first:], max_source_length
+        )
         ids, _, cut = encode(segments, max_source_length, max_target_length)
-        last_prompt = segments[-1][0][:max_source_length]
+        last_prompt = segments[-1].prompt
         if ids[len(ids) - len(last_prompt):] == last_prompt:
             return ids, cut or first > 0
     raise AssertionError("unreachable: a single turn always fits")

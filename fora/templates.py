@@ -2,7 +2,8 @@
 
 A conversation is an optional system text and a list of (user, assistant) turns. Rendering gives,
 per turn, the prompt ids (masked in training) and the response ids (trained). Training and
-prediction both go through `Template.encode`, so a prompt is built one way only.
+prediction both go through `Template.encode`, so a prompt is built one way only. A prompt longer
+than `max_source_length` loses the end of the user's text only (see `fit_user_text`).
 
 Two kinds of template:
 - `ChatTemplate` uses the tokenizer's own Jinja chat template (SmolLM2, Qwen2, Llama 3 instruct...).
@@ -10,11 +11,51 @@ Two kinds of template:
   whose tokenizers ship without one (Baichuan2, ChatGLM2/3, InternLM...).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fora.errors import UserError
 
 Turn = tuple[str, str | None]  # (user, assistant); assistant is None for the turn to be generated
+
+
+class Segment(NamedTuple):
+    """One rendered turn."""
+
+    prompt: list[int]  # masked in training
+    response: list[int]  # trained; empty for the turn to be generated
+    cut: bool = False  # the user's text was shortened so the prompt fits max_source_length
+
+
+def fit_user_text(encode_prompt: Callable[[str], list[int]], user: str, max_length: int | None) -> tuple[list[int], str]:
+    """The prompt ids `encode_prompt(user)` and the user's text they hold, cut to fit `max_length`.
+
+    Only the user's text is cut, and at its end: a record's instruction comes first and stays, and
+    what the template writes around the text (system text, role headers, special tokens) stays whole.
+    The shortened prompt is rendered and tokenized as a whole, like any other (a prompt that fits keeps
+    exactly the ids it had), and has `max_length` tokens, or fewer only where one more character would
+    not fit (a character of several tokens). A text is never cut inside a character.
+    """
+    ids = encode_prompt(user)
+    if max_length is None or len(ids) <= max_length:
+        return ids, user
+    ids = encode_prompt("")
+    if len(ids) > max_length:
+        raise UserError(
+            f"--max_source_length {max_length} leaves no room for the user's text: the template and system text "
+            f"alone take {len(ids)} tokens"
+        )
+    # Binary search for the longest start of the text that fits: user[:fits] fits, user[:too_long] does not.
+    fits, too_long = 0, len(user)
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        middle_ids = encode_prompt(user[:middle])
+        if len(middle_ids) <= max_length:
+            fits, ids = middle, middle_ids
+        else:
+            too_long = middle
+    return ids, user[:fits]
 
 
 @dataclass(frozen=True)
@@ -27,21 +68,27 @@ class NamedTemplate:
     separator: str = ""  # between an assistant reply and the next user message (masked)
     stop: str | None = None  # text that ends a reply; None = the tokenizer's EOS token
 
-    def encode(self, tokenizer, system: str | None, turns: list[Turn]) -> list[tuple[list[int], list[int]]]:
+    def encode(
+        self, tokenizer, system: str | None, turns: list[Turn], max_source_length: int | None = None
+    ) -> list[Segment]:
         system = system or self.default_system
         stop_ids = _stop_ids(tokenizer, self.stop)
         segments = []
         for index, (user, assistant) in enumerate(turns):
             system_text = self.system.format(content=system) if index == 0 and system else ""
-            if self.system_in_user:
-                prompt = self.user.format(content=system_text + user, index=index + 1)
-            else:
-                prompt = system_text + self.user.format(content=user, index=index + 1)
-            prompt = (self.separator if index else "") + prompt
-            # The tokenizer's own special prefix (BOS, ChatGLM's [gMASK]sop) goes on the first segment only.
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=index == 0)
+
+            def encode_prompt(text: str) -> list[int]:
+                if self.system_in_user:
+                    prompt = self.user.format(content=system_text + text, index=index + 1)
+                else:
+                    prompt = system_text + self.user.format(content=text, index=index + 1)
+                prompt = (self.separator if index else "") + prompt
+                # The tokenizer's own special prefix (BOS, ChatGLM's [gMASK]sop) goes on the first segment only.
+                return tokenizer.encode(prompt, add_special_tokens=index == 0)
+
+            prompt_ids, kept = fit_user_text(encode_prompt, user, max_source_length)
             response_ids = [] if assistant is None else tokenizer.encode(assistant, add_special_tokens=False) + stop_ids
-            segments.append((prompt_ids, response_ids))
+            segments.append(Segment(prompt_ids, response_ids, kept != user))
         return segments
 
     def stop_token_ids(self, tokenizer) -> list[int]:
@@ -53,18 +100,28 @@ class ChatTemplate:
 
     name = "chat_template"
 
-    def encode(self, tokenizer, system: str | None, turns: list[Turn]) -> list[tuple[list[int], list[int]]]:
+    def encode(
+        self, tokenizer, system: str | None, turns: list[Turn], max_source_length: int | None = None
+    ) -> list[Segment]:
         messages = [{"role": "system", "content": system}] if system else []
         segments, rendered = [], ""
         for user, assistant in turns:
             messages.append({"role": "user", "content": user})
-            with_header = self._render(tokenizer, messages, add_generation_prompt=True)
+
+            def render_with_header(text: str) -> str:
+                messages[-1]["content"] = text
+                return self._render(tokenizer, messages, add_generation_prompt=True)
+
+            def encode_prompt(text: str) -> list[int]:
+                return tokenizer.encode(render_with_header(text)[len(rendered):], add_special_tokens=False)
+
+            prompt_ids, kept = fit_user_text(encode_prompt, user, max_source_length)
+            with_header = render_with_header(kept)
             if not with_header.startswith(rendered):
                 raise UserError(
                     "the tokenizer's chat template renders earlier turns differently once a turn is added; "
                     "pass --template NAME to use a fixed format"
                 )
-            prompt = with_header[len(rendered):]
             response = ""
             if assistant is not None:
                 messages.append({"role": "assistant", "content": assistant})
@@ -76,11 +133,10 @@ class ChatTemplate:
                 if end >= 0:
                     response = response[: end + len(tokenizer.eos_token)]
                 rendered = with_header + response
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
             response_ids = tokenizer.encode(response, add_special_tokens=False) if response else []
             if assistant is not None and tokenizer.eos_token_id not in response_ids[-1:]:
                 response_ids.append(tokenizer.eos_token_id)
-            segments.append((prompt_ids, response_ids))
+            segments.append(Segment(prompt_ids, response_ids, kept != user))
         return segments
 
     @staticmethod

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, write_jsonl
 from fora.data import IGNORE_INDEX, build_dataset, encode, load_conversations, read_records, tokenize_conversation
 from fora.errors import UserError
 from fora.run import load_tokenizer
-from fora.templates import NAMED_TEMPLATES, get_template
+from fora.templates import NAMED_TEMPLATES, Segment, get_template
 from fora.training import PaddingCollator
 
 ALPACA = {"instruction": "Extract the triples.", "input": "The pump leaks.", "output": "pump_部件故障_leaks"}
@@ -57,7 +57,8 @@ def tokenize(tokenizer, path, template=None, max_source_length=512, max_target_l
     template = template or get_template(tokenizer, None)
     return [
         tokenize_conversation(
-            {"system": c.system, "turns": c.turns}, tokenizer, template, max_source_length, max_target_length
+            {"where": c.where, "system": c.system, "turns": c.turns}, tokenizer, template, max_source_length,
+            max_target_length,
         )
         for c in conversations
     ]
@@ -410,15 +411,17 @@ def test_length_limits_cut_source_and_target(plain_tokenizer, tmp_path):
     assert split(plain_tokenizer, short_row)[1] == "ok" + plain_tokenizer.eos_token
 
 
-def test_encode_cuts_each_turn_and_leaves_out_turns_beyond_the_budget():
-    segments = [([1] * 3, [2] * 3), ([3] * 6, [4] * 6), ([5], [6])]
+def test_encode_cuts_each_reply_and_leaves_out_turns_beyond_the_budget():
+    segments = [Segment([1] * 3, [2] * 3), Segment([3] * 4, [4] * 6, cut=True), Segment([5], [6])]
     input_ids, labels, truncated = encode(segments, max_source_length=4, max_target_length=4)
-    # turn 1 fits; turn 2 is cut to 4 + 4 but then exceeds 8 tokens in all, so it and turn 3 are left out.
+    # turn 1 fits; turn 2's reply is cut to 4, but 4 + 4 then exceeds 8 tokens in all, so it and turn 3 are left out.
     assert input_ids == [1, 1, 1, 2, 2, 2]
     assert labels == [-100, -100, -100, 2, 2, 2]
     assert truncated
     input_ids, labels, truncated = encode(segments[:1] + segments[2:], 4, 4)
     assert (input_ids, labels, truncated) == ([1, 1, 1, 2, 2, 2, 5, 6], [-100] * 3 + [2] * 3 + [-100, 6], False)
+    # A prompt the template fitted (its user text cut) counts as cut.
+    assert encode([Segment([1] * 3, [2], cut=True)], 4, 4) == ([1, 1, 1, 2], [-100] * 3 + [2], True)
 
 
 def test_collator_keeps_eos_label_equal_to_pad(tokenizer, tmp_path):
@@ -558,3 +561,36 @@ def test_bad_data_stops_build_dataset(tokenizer, tmp_path, data_args):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(ALPACA) + "\n{oops\n")
     assert user_error(lambda: build(path, tokenizer, data_args)).startswith(f"{path}: line 2: invalid JSON")
+
+
+# --- a prompt longer than --max_source_length loses the end of the user's text, not the template ----------
+
+
+@pytest.mark.parametrize(
+    "template_name, header", [(None, "<|im_end|>\n<|im_start|>assistant\n"), ("alpaca", "\n\n### Response:\n")]
+)
+def test_cut_prompt_keeps_its_header_and_is_masked_whole(tokenizer, plain_tokenizer, tmp_path, template_name, header):
+    tokenizer = plain_tokenizer if template_name else tokenizer
+    text = "The pump leaks oil. 发动机水温高。" * 60
+    long = {"instruction": "Extract the triples.", "input": text, "output": "pump_leaks"}
+    path = write_jsonl(tmp_path / "d.json", [long])
+    (row,) = tokenize(tokenizer, path, get_template(tokenizer, template_name), max_source_length=64, max_target_length=16)
+    assert row["truncated"] is True
+    masked, trained = split(tokenizer, row)
+    assert masked.endswith(header) and "Extract the triples.\nThe pump leaks oil." in masked
+    assert trained == "pump_leaks" + tokenizer.eos_token  # the reply is whole: only the prompt was too long
+    prompt_length = row["labels"].index(next(label for label in row["labels"] if label != IGNORE_INDEX))
+    assert 60 <= prompt_length <= 64 and row["labels"][:prompt_length] == [IGNORE_INDEX] * prompt_length
+
+
+def test_limit_below_the_template_names_the_record(tokenizer, tmp_path, data_args):
+    records = [ALPACA, {**ALPACA, "system": "You extract fault triples from Chinese repair notes. " * 5}]
+    path = write_jsonl(tmp_path / "d.json", records)
+    bare = get_template(tokenizer, None).encode(tokenizer, records[1]["system"], [("", None)])[0][0]
+    limit = len(bare) - 5  # the first record fits, the second one's system text alone does not
+    message = user_error(lambda: build(path, tokenizer, replace(data_args, max_source_length=limit)))
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: line 2: --max_source_length {limit} leaves no room for the user's text: "
+        r"the template and system text alone take \d+ tokens",
+        message,
+    ), message

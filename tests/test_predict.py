@@ -196,6 +196,64 @@ def test_build_prompt_keeps_the_question_when_history_is_long(tokenizer):
     assert not cut and tokenizer.decode(short) == "Human: hi\n\nAssistant: "
 
 
+def prompts_as_trained_and_as_predicted(tokenizer, template, conversations, max_src_len: int):
+    """Per record: the masked part of its training input, and its prediction prompt (and whether it was cut)."""
+    from fora.data import IGNORE_INDEX, tokenize_conversation
+    from fora.generate import build_prompt
+
+    for c in conversations:
+        row = tokenize_conversation({"where": c.where, "system": c.system, "turns": c.turns}, tokenizer, template,
+                                    max_src_len, 512)
+        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
+        yield trained, *build_prompt(tokenizer, template, c, max_src_len, 512)
+
+
+def test_long_record_is_predicted_from_a_prompt_that_ends_with_the_header(tokenizer):
+    """The prompt is cut as training cut it: the end of the user's text goes, the assistant header stays."""
+    from fora.data import Conversation
+    from fora.templates import get_template
+
+    question = "Extract the triples. Text: " + "the pump leaks oil and the fan is slow; " * 40
+    conversation = Conversation("x", None, [(question, "reference")])
+    template = get_template(tokenizer, None)
+    ((trained, ids, cut),) = prompts_as_trained_and_as_predicted(tokenizer, template, [conversation], 64)
+    text = tokenizer.decode(ids)
+    assert cut and len(ids) <= 64 and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "Extract the triples. Text: the pump leaks oil" in text and "reference" not in text
+    assert ids == trained
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "spo_1.json").is_file(), reason="needs the authors' data in ../shared/data")
+@pytest.mark.parametrize("template_name", ["chat_template", "alpaca", "chatml", "baichuan2", "chatglm2"])
+def test_every_spo_1_prompt_ends_with_the_assistant_header(tokenizer, tiny_model_plain, template_name):
+    """The seed's test set at the seed's --max_src_len 512: about half the prompts are longer."""
+    from fora.data import load_conversations
+    from fora.run import load_tokenizer
+    from fora.templates import NAMED_TEMPLATES, get_template
+
+    if template_name != "chat_template":
+        tokenizer = load_tokenizer(str(tiny_model_plain))
+    template = get_template(tokenizer, template_name)
+    header = {
+        "chat_template": "<|im_end|>\n<|im_start|>assistant\n",
+        **{name: t.user.split("{content}")[1] for name, t in NAMED_TEMPLATES.items()},
+    }[template_name]
+    conversations, _ = load_conversations(str(SHARED_DATA / "spo_1.json"), require_response=False)
+    built = list(prompts_as_trained_and_as_predicted(tokenizer, template, conversations, 512))
+    assert len(built) == 50 and any(cut for _, _, cut in built)
+    for conversation, (trained, ids, cut) in zip(conversations, built):
+        user = conversation.turns[0][0]
+        uncut = template.encode(tokenizer, None, [(user, None)])[0][0]
+        assert cut == (len(uncut) > 512) and len(ids) <= 512 and ids == trained
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        assert text.endswith(header), conversation.where
+        assert cut == (user not in text)  # only a cut record lost part of its text: its start stays
+        assert user[:100] in text
+        if template_name == "chat_template" and not cut:  # a prompt that fits is what the chat template renders
+            messages = [{"role": "user", "content": user}]
+            assert ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+
+
 # --- predict_fora.py: the command lines -----------------------------------------------------------
 
 
@@ -220,6 +278,7 @@ def test_seed_command_line(trained_lora, tiny_model, tmp_path):
     assert results["model_kind"] == "adapter" and results["finetuning_type"] == "lora"
     # Every sample prompt is longer than 32 tokens: cut to 32, leaving 40 - 32 = 8 tokens to generate.
     assert results["prompts_truncated"] == 3 and results["generated_tokens"] <= 3 * 8
+    assert all(p["prompt"].endswith("<|im_start|>assistant\n") for p in predictions)  # the text was cut, not the header
     assert "ROUGE-1" in result.stdout and "BLEU-4" in result.stdout and "Scored 3 of 3" in result.stdout
     assert "Generating" in result.stderr  # the progress bar
     assert "fewer than 512 new tokens" in result.stderr  # --max_len leaves less room than training's answers

@@ -21,7 +21,8 @@ def decode(tokenizer, ids) -> str:
 
 def rendered(tokenizer, template, system, turns) -> str:
     """The whole conversation as text, prompts and replies concatenated."""
-    return "".join(decode(tokenizer, p) + decode(tokenizer, r) for p, r in template.encode(tokenizer, system, turns))
+    segments = template.encode(tokenizer, system, turns)
+    return "".join(decode(tokenizer, s.prompt) + decode(tokenizer, s.response) for s in segments)
 
 
 # --- which template applies ------------------------------------------------------------------
@@ -113,15 +114,15 @@ def test_only_the_reply_and_its_stop_are_trained(plain_tokenizer, name):
     template = NAMED_TEMPLATES[name]
     stop = template.stop or plain_tokenizer.eos_token
     segments = template.encode(plain_tokenizer, "Sys text", [("first question", "first answer"), ("second", "end")])
-    assert [decode(plain_tokenizer, r) for _, r in segments] == ["first answer" + stop, "end" + stop]
-    prompts = [decode(plain_tokenizer, p) for p, _ in segments]
+    assert [decode(plain_tokenizer, s.response) for s in segments] == ["first answer" + stop, "end" + stop]
+    prompts = [decode(plain_tokenizer, s.prompt) for s in segments]
     assert "Sys text" in prompts[0] and "first question" in prompts[0]
     assert "second" in prompts[1] and "Sys text" not in prompts[1]
 
 
 def test_prediction_turn_has_a_prompt_and_no_reply(plain_tokenizer):
     template = NAMED_TEMPLATES["default"]
-    (prompt, response), = template.encode(plain_tokenizer, None, [("Hi", None)])
+    (prompt, response, _), = template.encode(plain_tokenizer, None, [("Hi", None)])
     assert response == []
     assert decode(plain_tokenizer, prompt) == "Human: Hi\n\nAssistant: "
 
@@ -154,8 +155,8 @@ def test_chat_template_matches_apply_chat_template(tokenizer):
 
 def test_chat_template_splits_prompts_and_replies(tokenizer):
     segments = ChatTemplate().encode(tokenizer, None, TURNS)
-    prompts = [decode(tokenizer, p) for p, _ in segments]
-    replies = [decode(tokenizer, r) for _, r in segments]
+    prompts = [decode(tokenizer, s.prompt) for s in segments]
+    replies = [decode(tokenizer, s.response) for s in segments]
     assert replies == ["Hello<|im_end|>", "Bye<|im_end|>"]
     # No system given: SmolLM2's template writes its own.
     assert prompts[0] == (
@@ -166,12 +167,12 @@ def test_chat_template_splits_prompts_and_replies(tokenizer):
 
 
 def test_chat_template_empty_reply_trains_the_end_token_alone(tokenizer):
-    (_, response), = ChatTemplate().encode(tokenizer, None, [("Anything?", "")])
+    (_, response, _), = ChatTemplate().encode(tokenizer, None, [("Anything?", "")])
     assert response == [tokenizer.eos_token_id]
 
 
 def test_chat_template_prediction_turn(tokenizer):
-    (prompt, response), = ChatTemplate().encode(tokenizer, "S", [("Hi", None)])
+    (prompt, response, _), = ChatTemplate().encode(tokenizer, "S", [("Hi", None)])
     assert response == []
     assert decode(tokenizer, prompt).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
@@ -184,3 +185,81 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tiny_model):
     with pytest.raises(UserError, match="pass --template NAME"):
         ChatTemplate().encode(tokenizer, None, [("Hi", "Hello"), ("And?", "Bye")])
 
+
+
+# --- a prompt longer than max_source_length: the end of the user's text is cut, the template stays --------
+# Through generate.build_prompt, the prediction prompt; training cuts the same way (test_data, test_predict).
+
+LONG_USER = "请你帮我抽取出关系三元组。文本：" + "The pump leaks oil; 发动机水温高，风扇转速慢。" * 30
+SYSTEM = "Be brief."
+
+
+def all_templates():
+    return [pytest.param(name, id=name) for name in [*sorted(NAMED_TEMPLATES), ChatTemplate.name]]
+
+
+def template_and_tokenizer(name, tokenizer, plain_tokenizer):
+    return (ChatTemplate(), tokenizer) if name == ChatTemplate.name else (NAMED_TEMPLATES[name], plain_tokenizer)
+
+
+def uncut_prompt(tokenizer, template, user: str) -> list[int]:
+    return template.encode(tokenizer, SYSTEM, [(user, None)])[0][0]
+
+
+def prompt_for(tokenizer, template, user: str, max_source_length: int) -> tuple[list[int], bool]:
+    from fora.data import Conversation
+    from fora.generate import build_prompt
+
+    conversation = Conversation("test.json: line 1", SYSTEM, [(user, None)])
+    return build_prompt(tokenizer, template, conversation, max_source_length, 64)
+
+
+@pytest.mark.parametrize("name", all_templates())
+def test_long_prompt_keeps_the_template_and_the_start_of_the_user_text(tokenizer, plain_tokenizer, name):
+    template, tokenizer = template_and_tokenizer(name, tokenizer, plain_tokenizer)
+    marked = uncut_prompt(tokenizer, template, "USER-TEXT-HERE")
+    head, tail = decode(tokenizer, marked).split("USER-TEXT-HERE")  # the system part and the assistant header
+    limit = len(marked) + 40
+    prompt, cut = prompt_for(tokenizer, template, LONG_USER, limit)
+    assert cut
+    text = decode(tokenizer, prompt)
+    assert text.startswith(head) and text.endswith(tail)
+    kept = text[len(head) : len(text) - len(tail)]
+    assert 0 < len(kept) < len(LONG_USER) and LONG_USER.startswith(kept)
+    # Every special token of the template is there, in order (the header's included).
+    specials = set(tokenizer.all_special_ids)
+    assert [t for t in prompt if t in specials] == [t for t in marked if t in specials]
+    # Exactly the limit, or fewer only where one more character would not fit.
+    assert len(prompt) == limit or len(uncut_prompt(tokenizer, template, LONG_USER[: len(kept) + 1])) > limit
+    assert len(prompt) <= limit
+
+
+@pytest.mark.parametrize("name", all_templates())
+def test_prompt_that_fits_is_encoded_as_without_a_limit(tokenizer, plain_tokenizer, name):
+    """Prompts that fit keep the ids they always had, so caches and references made before still hold."""
+    template, tokenizer = template_and_tokenizer(name, tokenizer, plain_tokenizer)
+    uncut = uncut_prompt(tokenizer, template, LONG_USER)
+    assert prompt_for(tokenizer, template, LONG_USER, len(uncut)) == (uncut, False)
+
+
+def test_every_turn_of_a_conversation_is_fitted(tokenizer):
+    """The chat template renders each turn after the earlier ones as they were cut."""
+    turns = [(LONG_USER, "first answer"), (LONG_USER, "second answer"), ("short", None)]
+    segments = ChatTemplate().encode(tokenizer, None, turns, 80)
+    assert [s.cut for s in segments] == [True, True, False]
+    header = "<|im_end|>\n<|im_start|>assistant\n"
+    for segment in segments:
+        assert len(segment.prompt) <= 80 and decode(tokenizer, segment.prompt).endswith(header)
+    assert [decode(tokenizer, s.response) for s in segments[:2]] == ["first answer<|im_end|>", "second answer<|im_end|>"]
+
+
+@pytest.mark.parametrize("name", ["alpaca", ChatTemplate.name])
+def test_limit_below_the_template_alone_is_a_user_error(tokenizer, plain_tokenizer, name):
+    template, tokenizer = template_and_tokenizer(name, tokenizer, plain_tokenizer)
+    bare = uncut_prompt(tokenizer, template, "")
+    with pytest.raises(UserError) as error:
+        prompt_for(tokenizer, template, LONG_USER, len(bare) - 1)
+    assert str(error.value) == (
+        f"test.json: line 1: --max_source_length {len(bare) - 1} leaves no room for the user's text: "
+        f"the template and system text alone take {len(bare)} tokens"
+    )
