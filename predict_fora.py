@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     truncated = sum(cut for _, cut in built)
     budgets = [token_budget(len(p), args, max_tgt_len) for p in prompts]
     print(f"Test records: {len(prompts)} from {args.test_path}"
-          + (f"; {truncated} prompts cut to --max_src_len {max_src_len}" if truncated else ""))
+          + (f"; {truncated} prompts cut to --max_src_len {max_src_len} (the end of the user's text; the template "
+             "stays whole)" if truncated else ""))
     warn_short_budgets(budgets, args, max_tgt_len)
 
     # 5. Generate.

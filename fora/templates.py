@@ -77,7 +77,7 @@ class NamedTemplate:
         for index, (user, assistant) in enumerate(turns):
             system_text = self.system.format(content=system) if index == 0 and system else ""
 
-            def encode_prompt(text: str) -> list[int]:
+            def encode_prompt(text: str, index: int = index, system_text: str = system_text) -> list[int]:
                 if self.system_in_user:
                     prompt = self.user.format(content=system_text + text, index=index + 1)
                 else:
@@ -112,7 +112,7 @@ class ChatTemplate:
                 messages[-1]["content"] = text
                 return self._render(tokenizer, messages, add_generation_prompt=True)
 
-            def encode_prompt(text: str) -> list[int]:
+            def encode_prompt(text: str, rendered: str = rendered) -> list[int]:
                 return tokenizer.encode(render_with_header(text)[len(rendered):], add_special_tokens=False)
 
             prompt_ids, kept = fit_user_text(encode_prompt, user, max_source_length)

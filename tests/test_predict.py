@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD, REPO, run_script, write_jsonl
+from conftest import ONE_THREAD, REPO, SHARED_DATA, run_script, write_jsonl
 from fora.errors import UserError
 
 TEST_DATA = REPO / "data" / "test.json"
