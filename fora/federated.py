@@ -9,8 +9,8 @@
 The same two apps run in Flower's simulation engine (`simulate`, one machine, clients in Ray
 workers) and in its deployment engine (`server_app` / `client_app` below, loaded by a SuperLink and
 one SuperNode per site). The flags reach the apps as an argument list: in simulation directly, in
-deployment as the run config (`flwr run --run-config "num_rounds=3 lora_rank=8 ..."`, one key per
-flag), with each site's own data file and base model in its SuperNode's `--node-config`.
+deployment as the run config's `flags` string (federated_app/pyproject.toml, `flwr run --run-config`),
+with each site's own data file and base model in its SuperNode's `--node-config`.
 """
 
 import copy
@@ -68,11 +68,10 @@ def parse(argv: list[str] | None) -> FederatedRun:
 
 
 def argv_from_run_config(run_config: dict) -> list[str]:
-    """A deployed run's flags: each key of its run config (`flwr run --run-config "k=v ..."`) is a flag."""
-    argv = []
-    for name, value in run_config.items():
-        argv += [f"--{name}", str(value)]
-    return argv
+    """A deployed run's flags: the run config's `flags` string (`flwr run --run-config 'flags="..."'`)."""
+    import shlex
+
+    return shlex.split(str(run_config.get("flags", "")))
 
 
 # --- Partitioning (before Flower starts) ------------------------------------------------------------
@@ -627,10 +626,6 @@ def simulate(run: FederatedRun, argv: list[str]) -> None:
     )
 
 
-def __getattr__(name: str):
-    """`fora.federated:server_app` / `:client_app`, the apps a deployment loads by name (see README),
-    built on first use so that importing this module does not import Flower."""
-    apps = {"server_app": make_server_app, "client_app": make_client_app}
-    if name in apps:
-        return apps[name]()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The apps a deployment loads by name (federated_app/pyproject.toml); they read their flags from the run config.
+server_app = make_server_app()
+client_app = make_client_app()
