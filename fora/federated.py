@@ -285,16 +285,6 @@ def make_client_app(argv: list[str] | None = None):
     """The ClientApp. `argv`: the flags (simulation); None: read them from the run config (deployment)."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
-    from flwr.clientapp.mod import fixedclipping_mod
-
-    def clip_when_asked(msg: Message, context: Context, call_next):
-        """Flower's client-side clipping, for runs whose server asks for it (--dp_clipping_norm)."""
-        from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
-        config = msg.content.config_records.get(CONFIG)
-        if config is not None and KEY_CLIPPING_NORM in config:
-            return fixedclipping_mod(msg, context, call_next)
-        return call_next(msg, context)
 
     app = ClientApp(mods=[clip_when_asked])
 
@@ -318,6 +308,18 @@ def make_client_app(argv: list[str] | None = None):
         return Message(RecordDict({ARRAYS: ArrayRecord(state), METRICS: metrics}), reply_to=msg)
 
     return app
+
+
+def clip_when_asked(msg, context, call_next):
+    """A ClientApp mod: Flower's client-side update clipping (fixedclipping_mod) when the server's
+    config carries a clipping norm (--dp_clipping_norm), else nothing."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 class ClientFailed(RuntimeError):

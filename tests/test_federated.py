@@ -3,8 +3,12 @@ what travels, a real 2-client simulation whose adapter predict_fora.py and merge
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +198,8 @@ def federated_run(tmp_path_factory, tiny_model):
         "--validation_file", str(validation), "--num_clients", "2", "--num_rounds", "2", "--local_steps", "3",
         "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_rank", "4",
         "--max_source_length", "64", "--max_target_length", "32", "--output_dir", str(out), "--report_to", "none",
+        # Flower's DP wrapper and clipping mod in the loop, set so they change nothing (no noise, a norm never reached)
+        "--dp_noise_multiplier", "0", "--dp_clipping_norm", "1000",
         timeout=420, env=FLOWER_ENV,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -216,6 +222,8 @@ def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_roun
     assert all(torch.equal(final[k], round_2[k]) for k in final)
     assert any(not torch.equal(round_1[k], round_2[k]) for k in final)
     assert (out / "federated_eval_loss.png").stat().st_size > 0
+    log = federated_run[1].stdout + federated_run[1].stderr
+    assert "parameters are clipped by value: 1000" in log and "central DP noise with 0.0000 stdev added" in log
 
 
 def test_only_adapter_tensors_travel(federated_run, tiny_model):
@@ -297,3 +305,131 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model):
                         "data/train.json", "--num_rounds", "0", "--output_dir", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --num_rounds must be at least 1, got 0"]
+
+
+# --- The deployment engine, for real on loopback: one SuperLink, two SuperNodes --------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float, processes: list) -> None:
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in processes), "a Flower process exited early (see its log)"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def stop_processes(started: list) -> None:
+    """SIGTERM each started process group, SIGKILL what is left; then the same for the helper processes
+    Flower spawned in sessions of their own (flower-superexec, flwr-serverapp, flwr-clientapp), which name
+    their parent with --parent-pid."""
+    import signal
+
+    import psutil
+
+    pids = {p.pid for p in started}
+    helpers = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "--parent-pid" in cmdline and cmdline.index("--parent-pid") + 1 < len(cmdline):
+            if int(cmdline[cmdline.index("--parent-pid") + 1]) in pids:
+                helpers += [proc, *proc.children(recursive=True)]
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for process in started:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    _, alive = psutil.wait_procs(helpers, timeout=20)
+    for proc in alive:
+        proc.kill()
+
+
+def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link_port, node_ports = free_port(), (free_port(), free_port())
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    sites = [write_jsonl(tmp_path / f"site-{i}.jsonl", train_records(10, start=10 * i)) for i in range(2)]
+    validation = write_jsonl(tmp_path / "validation.jsonl", train_records(4, start=100))
+    out = tmp_path / "out"
+    started = []
+
+    def start(name: str, *command: str) -> None:
+        log = open(tmp_path / f"{name}.log", "w")
+        started.append(subprocess.Popen([str(bin_dir / command[0]), *command[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=tmp_path, start_new_session=True))
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+              "--disable-runtime-dependency-installation")
+        wait_for_port(link_port, 120, started)
+        for site, (data_file, port) in enumerate(zip(sites, node_ports)):
+            start(f"supernode-{site}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--port", str(port), "--node-config",
+                  f"partition-id={site} num-partitions=2 data-file='{data_file}' model-path='{tiny_model}'")
+        flags = (f"--model_name_or_path {tiny_model} --num_clients 2 --num_rounds 2 --local_steps 2 "
+                 f"--per_device_train_batch_size 4 --learning_rate 5e-3 --lora_rank 4 --max_source_length 64 "
+                 f"--max_target_length 32 --validation_file {validation} --output_dir {out} --report_to none")
+        result = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(REPO / "federated_app"), "test", "--stream", "--run-config", f'flags="{flags}"'],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        history = json.loads((out / "federated_history.json").read_text())
+        assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+        assert [[c["num_examples"] for c in r["clients"]] for r in history["rounds"][1:]] == [[10, 10], [10, 10]]
+        assert history["rounds"][2]["eval_loss"] < history["rounds"][0]["eval_loss"]
+        assert (out / "round-2" / "adapter_model.safetensors").is_file() and (out / "fora_run.json").is_file()
+    finally:
+        stop_processes(started)
+    assert all(p.poll() is not None for p in started)
+
+
+def test_dp_clipping_bounds_each_client_update_when_the_server_asks(monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fora.federated import clip_when_asked
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    (global_state,) = random_states(1)
+    moved = {k: v + 1.0 for k, v in global_state.items()}  # an update of norm far above 0.5
+
+    def local_training(msg, context):
+        return Message(RecordDict({"arrays": ArrayRecord(moved), "metrics": ConfigRecord()}), reply_to=msg)
+
+    def train_message(config: dict):
+        return Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(config)}),
+                       dst_node_id=1, message_type="train")
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    clipped = clip_when_asked(train_message({KEY_CLIPPING_NORM: 0.5}), context, local_training)
+    sent = clipped.content["arrays"].to_torch_state_dict()
+    norm = torch.sqrt(sum(((sent[k] - global_state[k]) ** 2).sum() for k in global_state))
+    assert norm == pytest.approx(0.5, rel=1e-5)
+    untouched = clip_when_asked(train_message({}), context, local_training).content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(untouched[k], moved[k]) for k in moved)
