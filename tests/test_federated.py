@@ -433,3 +433,30 @@ def test_dp_clipping_bounds_each_client_update_when_the_server_asks(monkeypatch)
     assert norm == pytest.approx(0.5, rel=1e-5)
     untouched = clip_when_asked(train_message({}), context, local_training).content["arrays"].to_torch_state_dict()
     assert all(torch.equal(untouched[k], moved[k]) for k in moved)
+
+
+def test_a_fora_adapter_travels_whole_between_two_sites(tiny_model):
+    """FoRA's extra factors are part of what travels: a second site that loads the tensors computes the same outputs."""
+    from config import FinetuningArguments
+    from fora import modeling
+    from fora.federated import adapter_state, load_adapter_state
+
+    def site(seed: int):
+        torch.manual_seed(seed)
+        model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32),
+                                        FinetuningArguments(finetuning_type="fora", lora_rank=4))
+        with torch.no_grad():  # a trained adapter: every factor away from its initial value
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        return model.eval()
+
+    trained, other = site(0), site(1)
+    ids = torch.tensor([[1, 200, 300, 400]])
+    assert not torch.allclose(trained(ids).logits, other(ids).logits, atol=1e-5)
+    payload = adapter_state(trained)
+    assert len({name.rsplit(".", 2)[-2] for name in payload}) > 2  # more factors than LoRA's A and B
+    load_adapter_state(other, payload)
+    torch.testing.assert_close(other(ids).logits, trained(ids).logits)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter_state(other, dict(list(payload.items())[1:]))
