@@ -14,35 +14,26 @@ traffic per round. Deployment across sites (a SuperLink and a SuperNode per site
 """
 
 import os
-from pathlib import Path
+import sys
 
-from fora.errors import UserError, exit_on_user_error
-
-PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "federated_history.json", "round-*")
+from fora.errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from fora import federated
+    from fora import federated, modeling
 
     # Everything a user can get wrong is checked here, before Flower starts.
     run = federated.parse(argv)
-    output_dir = run.output_dir
-    previous = [m for m in PREVIOUS_RUN_MARKERS if any(output_dir.glob(m))] if output_dir.is_dir() else []
-    if previous and not run.training.overwrite_output_dir:
-        raise UserError(f"--output_dir {output_dir} holds a previous run ({previous[0]}); pass --overwrite_output_dir to replace it")
-    from fora import modeling
-
+    federated.refuse_previous_run(run)
     modeling.resolve_model_path(run.model.model_name_or_path)
     files = federated.client_data_files(run)
     print(f"Federated run: {run.federated.num_clients} clients ({run.federated.partition}), "
           f"{run.federated.num_rounds} rounds; client data: {', '.join(files)}")
     federated.simulate(run, argv)
-    if not (Path(output_dir) / "adapter_config.json").is_file():
-        raise RuntimeError(f"the federated run ended without a global adapter in {output_dir} (see the log above)")
+    if not (run.output_dir / "adapter_config.json").is_file():
+        raise RuntimeError(f"the federated run ended without a global adapter in {run.output_dir} (see the log above)")
 
 
 if __name__ == "__main__":

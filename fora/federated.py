@@ -14,22 +14,53 @@ with each site's own data file and base model in its SuperNode's `--node-config`
 """
 
 import copy
+import importlib.util
 import json
 import logging
 import os
 import random
 import re
+import shlex
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import set_seed
 
+from config import (
+    DataArguments,
+    FederatedArguments,
+    FinetuningArguments,
+    ModelArguments,
+    TrainArguments,
+    parse_args,
+    resolve_precision,
+)
+from fora import data, generate, metrics, modeling
 from fora.errors import UserError
+from fora.templates import get_template
+from fora.training import STAGING_PREFIX, PaddingCollator, SupervisedTrainer, write_json
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # the keys of a Flower message's records
 NUM_EXAMPLES = "num-examples"  # the metric FedAvg weights each client's adapter by
 HISTORY_FILE = "federated_history.json"
+PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", HISTORY_FILE, "round-*")
 PARTITION_DIR = "partitions"
 # The node config of a deployed SuperNode: its place among the clients, its data and its base model.
 NODE_PARTITION, NODE_DATA_FILE, NODE_MODEL_PATH = "partition-id", "data-file", "model-path"
@@ -41,11 +72,11 @@ logger = logging.getLogger("flwr")  # Flower's own logger, so the apps' lines an
 class FederatedRun:
     """Every flag of train_federated.py, parsed (the same dataclasses train_lora.py parses, plus FederatedArguments)."""
 
-    model: "ModelArguments"
-    data: "DataArguments"
-    finetuning: "FinetuningArguments"
-    training: "TrainArguments"
-    federated: "FederatedArguments"
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: TrainArguments
+    federated: FederatedArguments
     dtype: torch.dtype
 
     @property
@@ -54,23 +85,25 @@ class FederatedRun:
 
 
 def parse(argv: list[str] | None) -> FederatedRun:
-    from config import (
-        DataArguments, FederatedArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args,
-        resolve_precision,
-    )
-
-    model, data, finetuning, training, federated = parse_args(
+    model_args, data_args, finetuning_args, training_args, federated_args = parse_args(
         (ModelArguments, DataArguments, FinetuningArguments, TrainArguments, FederatedArguments), argv
     )
-    if finetuning.finetuning_type == "full":
+    if finetuning_args.finetuning_type == "full":
         raise UserError("--finetuning_type full: federated training sends adapters only; choose lora or fora")
-    return FederatedRun(model, data, finetuning, training, federated, resolve_precision(model, training))
+    dtype = resolve_precision(model_args, training_args)
+    return FederatedRun(model_args, data_args, finetuning_args, training_args, federated_args, dtype)
+
+
+def refuse_previous_run(run: FederatedRun) -> None:
+    """An --output_dir holding an earlier run's adapters is replaced only with --overwrite_output_dir."""
+    folder = run.output_dir
+    previous = [m for m in PREVIOUS_RUN_MARKERS if any(folder.glob(m))] if folder.is_dir() else []
+    if previous and not run.training.overwrite_output_dir:
+        raise UserError(f"--output_dir {folder} holds a previous run ({previous[0]}); pass --overwrite_output_dir to replace it")
 
 
 def argv_from_run_config(run_config: dict) -> list[str]:
     """A deployed run's flags: the run config's `flags` string (`flwr run --run-config 'flags="..."'`)."""
-    import shlex
-
     return shlex.split(str(run_config.get("flags", "")))
 
 
@@ -80,17 +113,12 @@ def argv_from_run_config(run_config: dict) -> list[str]:
 def client_data_files(run: FederatedRun) -> list[str]:
     """One checked data file per client: --client_files as given, or --train_file split and written to
     OUTPUT_DIR/partitions/client-N.jsonl. Every mistake is a UserError here, before any model loads."""
-    from fora import data
-
     fed, args = run.federated, run.data
 
-    def check(path: str, flag: str) -> int:
+    def check(path: str, flag: str) -> None:
         if not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
-        conversations, _ = data.load_conversations(
-            path, args.data_format, args.prompt_column, args.response_column, empty_response=args.empty_response
-        )
-        return len(conversations)
+        data.load_conversations(path, args.data_format, args.prompt_column, args.response_column, empty_response=args.empty_response)
 
     if args.validation_file:
         check(args.validation_file, "--validation_file")
@@ -149,15 +177,11 @@ def split_by_field(records, name: str, num_clients: int) -> list[list[int]]:
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapter's tensors (PEFT's names, as in adapter_model.safetensors), detached CPU copies."""
-    from peft import get_peft_model_state_dict
-
     return {name: tensor.detach().cpu().contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     """Put adapter tensors (from `adapter_state`, here or at another site) into `model`'s adapter."""
-    from peft import set_peft_model_state_dict
-
     expected = set(adapter_state(model))
     if set(state) != expected:
         raise ValueError(f"the adapter received does not fit this model: {len(set(state) ^ expected)} tensor names differ")
@@ -167,38 +191,48 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
 # --- Client side -----------------------------------------------------------------------------------
 
 
-def proximal_trainer_class():
-    from fora.training import SupervisedTrainer
+def load_adapted_model(run: FederatedRun, model_path: str | None):
+    """Model path, tokenizer, template and base model with the run's adapter attached, as train_lora.py
+    loads them; `model_path` (a site's own copy of the base) overrides --model_name_or_path. Seeded, so
+    the server and every client start from the same adapter layout and values."""
+    path = modeling.resolve_model_path(model_path or run.model.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(path, run.model.trust_remote_code)
+    template = get_template(tokenizer, run.data.template)
+    model = modeling.load_model(
+        path, run.dtype, run.model.trust_remote_code, run.model.quantization_bit, unmap_freed_memory=run.model.unmap_freed_memory
+    )
+    set_seed(run.training.seed)
+    return path, tokenizer, template, modeling.attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
 
-    class ProximalTrainer(SupervisedTrainer):
-        """SupervisedTrainer whose training loss adds FedProx's mu/2·||w − w_global||² over the trainable weights.
 
-        w_global is the adapter as received this round (the weights when the trainer is built), so each
-        optimizer step's gradient gains mu·(w − w_global). The Trainer sums micro-batch losses over gradient
-        accumulation, so the term is divided by the accumulation steps to count once per step.
-        """
+class ProximalTrainer(SupervisedTrainer):
+    """SupervisedTrainer whose training loss adds FedProx's mu/2·||w − w_global||² over the trainable weights.
 
-        def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.proximal_mu = proximal_mu
-            self.global_weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+    w_global is the adapter as received this round (the weights when the trainer is built), so each
+    optimizer step's gradient gains mu·(w − w_global). The Trainer sums micro-batch losses over gradient
+    accumulation, so the term is divided by the accumulation steps to count once per step.
+    """
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not (self.proximal_mu and model.training):
-                return result
-            loss, outputs = result if return_outputs else (result, None)
-            distance = sum(
-                (param - self.global_weights[name]).pow(2).sum()
-                for name, param in self.model.named_parameters() if name in self.global_weights
-            )
-            term = self.proximal_mu / 2 * distance
-            if num_items_in_batch is not None:
-                term = term / self.args.gradient_accumulation_steps
-            loss = loss + term
-            return (loss, outputs) if return_outputs else loss
+    def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.proximal_mu = proximal_mu
+        trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.global_weights = {n: p.detach().clone() for n, p in trained.items()} if proximal_mu else {}
 
-    return ProximalTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not (self.proximal_mu and model.training):
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        distance = sum(
+            (param - self.global_weights[name]).pow(2).sum()
+            for name, param in self.model.named_parameters() if name in self.global_weights
+        )
+        term = self.proximal_mu / 2 * distance
+        if num_items_in_batch is not None:
+            term = term / self.args.gradient_accumulation_steps
+        loss = loss + term
+        return (loss, outputs) if return_outputs else loss
 
 
 class Site:
@@ -206,26 +240,11 @@ class Site:
     reused every round (each round overwrites the adapter with the global one)."""
 
     def __init__(self, run: FederatedRun, model_path: str | None):
-        from transformers import set_seed
-
-        from fora import modeling
-        from fora.templates import get_template
-
         self.run = run
-        self.model_path = modeling.resolve_model_path(model_path or run.model.model_name_or_path)
-        self.tokenizer = modeling.load_tokenizer(self.model_path, run.model.trust_remote_code)
-        self.template = get_template(self.tokenizer, run.data.template)
-        model = modeling.load_model(
-            self.model_path, run.dtype, run.model.trust_remote_code, run.model.quantization_bit,
-            unmap_freed_memory=run.model.unmap_freed_memory,
-        )
-        set_seed(run.training.seed)  # the same adapter layout and initial values as the server's
-        self.model = modeling.attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
+        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run, model_path)
         self.datasets: dict[str, object] = {}
 
     def dataset(self, path: str):
-        from fora import data
-
         if path not in self.datasets:
             args = self.run.training
             self.datasets[path] = data.build_dataset(path, self.tokenizer, self.template, self.run.data, args.main_process_first, logger.info)
@@ -233,14 +252,12 @@ class Site:
 
     def train(self, global_state: dict[str, torch.Tensor], data_file: str, server_round: int, proximal_mu: float):
         """Local training from the global adapter; returns the new adapter, the number of examples and the mean loss."""
-        from fora.training import PaddingCollator
-
         load_adapter_state(self.model, global_state)
         dataset = self.dataset(data_file)
         fed = self.run.federated
         with tempfile.TemporaryDirectory(prefix="fora-client-") as work_dir:
             args = local_training_args(self.run.training, work_dir, fed.local_steps, fed.local_epochs, server_round)
-            trainer = proximal_trainer_class()(
+            trainer = ProximalTrainer(
                 model=self.model,
                 args=args,
                 train_dataset=dataset,
@@ -253,20 +270,27 @@ class Site:
 
 
 def local_training_args(training, work_dir: str, local_steps: int | None, local_epochs: float | None, server_round: int):
-    """The run's TrainArguments for one round of local training: its length, no checkpoints or reports,
-    and a seed per round so every round draws other batches."""
-    args = copy.deepcopy(training)
-    args.output_dir = work_dir
+    """The run's TrainArguments for one round of local training: its length, and a seed per round so
+    every round draws other batches."""
+    args = quiet_training_args(training, work_dir)
     args.max_steps = local_steps if local_steps is not None else -1
     args.num_train_epochs = local_epochs if local_epochs is not None else args.num_train_epochs
     args.seed = args.data_seed = training.seed + server_round
+    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    return args
+
+
+def quiet_training_args(training, work_dir: str):
+    """A copy of the run's TrainArguments that writes nothing (no checkpoints, no reports) into `work_dir`,
+    with train_lora.py's collator and loss settings."""
+    args = copy.deepcopy(training)
+    args.output_dir = work_dir
     args.save_strategy = "no"
     args.eval_strategy = "no"
     args.report_to = []
     args.remove_unused_columns = False  # the collator picks its columns, as in train_lora.py
-    args.logging_nan_inf_filter = False
-    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    args.logging_nan_inf_filter = False  # SupervisedTrainer stops at the first NaN/inf loss itself
     return args
 
 
@@ -283,9 +307,6 @@ def site_for(run: FederatedRun, argv: list[str], model_path: str | None) -> Site
 
 def make_client_app(argv: list[str] | None = None):
     """The ClientApp. `argv`: the flags (simulation); None: read them from the run config (deployment)."""
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-
     app = ClientApp(mods=[clip_when_asked])
 
     @app.train()
@@ -304,8 +325,8 @@ def make_client_app(argv: list[str] | None = None):
             )
         except Exception as error:  # the server's log names the client; the chain keeps the traceback
             raise ClientFailed(f"client {client}: {type(error).__name__}: {error}") from error
-        metrics = MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": float(loss), "client": client})
-        return Message(RecordDict({ARRAYS: ArrayRecord(state), METRICS: metrics}), reply_to=msg)
+        reply = MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": float(loss), "client": client})
+        return Message(RecordDict({ARRAYS: ArrayRecord(state), METRICS: reply}), reply_to=msg)
 
     return app
 
@@ -313,9 +334,6 @@ def make_client_app(argv: list[str] | None = None):
 def clip_when_asked(msg, context, call_next):
     """A ClientApp mod: Flower's client-side update clipping (fixedclipping_mod) when the server's
     config carries a clipping norm (--dp_clipping_norm), else nothing."""
-    from flwr.clientapp.mod import fixedclipping_mod
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
     config = msg.content.config_records.get(CONFIG)
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
@@ -329,71 +347,65 @@ class ClientFailed(RuntimeError):
 # --- Server side -----------------------------------------------------------------------------------
 
 
-def adapter_averaging_class():
-    from flwr.serverapp.strategy import FedAvg
+class AdapterAveraging(FedAvg):
+    """FedAvg over adapter tensors, weighted by each client's number of examples (Flower's aggregation),
+    which also sends FedProx's mu to the clients, names every client that failed or did not answer in
+    time, skips a round with fewer than `min_fit_clients` updates (the global adapter stays), and
+    records each client's traffic per round into `rounds`."""
 
-    class AdapterAveraging(FedAvg):
-        """FedAvg over adapter tensors, weighted by each client's number of examples (Flower's aggregation),
-        which also sends FedProx's mu to the clients, names every client that failed or did not answer in
-        time, skips a round with fewer than `min_fit_clients` updates (the global adapter stays), and
-        records each client's traffic per round into `rounds`."""
+    def __init__(self, min_fit_clients: int, proximal_mu: float):
+        super().__init__(fraction_evaluate=0.0, min_train_nodes=min_fit_clients, min_available_nodes=min_fit_clients)
+        self.min_fit_clients = min_fit_clients
+        self.proximal_mu = proximal_mu
+        self.rounds: dict[int, dict] = {}  # round → {"clients": [...], "dropped": [...]}
+        self.client_names: dict[int, str] = {}  # node id → "client N", learned from replies
+        self._sent: dict[int, tuple[list[int], int]] = {}  # round → (node ids asked, bytes sent to each)
 
-        def __init__(self, min_fit_clients: int, proximal_mu: float):
-            super().__init__(fraction_evaluate=0.0, min_train_nodes=min_fit_clients, min_available_nodes=min_fit_clients)
-            self.min_fit_clients = min_fit_clients
-            self.proximal_mu = proximal_mu
-            self.rounds: dict[int, dict] = {}  # round → {"clients": [...], "dropped": [...]}
-            self.client_names: dict[int, str] = {}  # node id → "client N", learned from replies
-            self._sent: dict[int, tuple[list[int], int]] = {}  # round → (node ids asked, bytes sent to each)
+    def configure_train(self, server_round, arrays, config, grid):
+        config["proximal-mu"] = self.proximal_mu
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent[server_round] = ([m.metadata.dst_node_id for m in messages], arrays.count_bytes())
+        return messages
 
-        def configure_train(self, server_round, arrays, config, grid):
-            config["proximal-mu"] = self.proximal_mu
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-            self._sent[server_round] = ([m.metadata.dst_node_id for m in messages], arrays.count_bytes())
-            return messages
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        asked, download = self._sent.pop(server_round, ([], 0))
+        updates = [r for r in replies if not r.has_error()]
+        dropped = []
+        for reply in replies:
+            if reply.has_error():
+                dropped.append(self._name(reply.metadata.src_node_id, reply.error.reason) + " failed: "
+                               + failure_summary(reply.error.reason))
+        answered = {r.metadata.src_node_id for r in replies}
+        for node in asked:
+            if node not in answered:
+                dropped.append(f"{self._name(node)} did not answer within --round_timeout")
+        clients = []
+        for reply in updates:
+            reported = reply.content[METRICS]
+            self.client_names[reply.metadata.src_node_id] = f"client {int(reported['client'])}"
+            clients.append({
+                "client": int(reported["client"]),
+                "num_examples": int(reported[NUM_EXAMPLES]),
+                "train_loss": float(reported["train-loss"]),
+                "download_bytes": download,
+                "upload_bytes": reply.content[ARRAYS].count_bytes(),
+            })
+        self.rounds[server_round] = {"clients": sorted(clients, key=lambda c: c["client"]), "dropped": dropped}
+        for line in dropped:
+            logger.warning("round %d: %s", server_round, line)
+        if len(updates) < self.min_fit_clients:
+            logger.warning("round %d: %d client update(s), fewer than --min_fit_clients %d: the global adapter "
+                           "stays as it was", server_round, len(updates), self.min_fit_clients)
+            self.rounds[server_round]["skipped"] = True
+            return None, None
+        return super().aggregate_train(server_round, updates)
 
-        def aggregate_train(self, server_round, replies):
-            replies = list(replies)
-            asked, download = self._sent.pop(server_round, ([], 0))
-            updates = [r for r in replies if not r.has_error()]
-            dropped = []
-            for reply in replies:
-                if reply.has_error():
-                    dropped.append(self._name(reply.metadata.src_node_id, reply.error.reason) + " failed: "
-                                   + failure_summary(reply.error.reason))
-            answered = {r.metadata.src_node_id for r in replies}
-            for node in asked:
-                if node not in answered:
-                    dropped.append(f"{self._name(node)} did not answer within --round_timeout")
-            clients = []
-            for reply in updates:
-                metrics = reply.content[METRICS]
-                name = f"client {int(metrics['client'])}"
-                self.client_names[reply.metadata.src_node_id] = name
-                clients.append({
-                    "client": int(metrics["client"]),
-                    "num_examples": int(metrics[NUM_EXAMPLES]),
-                    "train_loss": float(metrics["train-loss"]),
-                    "download_bytes": download,
-                    "upload_bytes": reply.content[ARRAYS].count_bytes(),
-                })
-            self.rounds[server_round] = {"clients": sorted(clients, key=lambda c: c["client"]), "dropped": dropped}
-            for line in dropped:
-                logger.warning("round %d: %s", server_round, line)
-            if len(updates) < self.min_fit_clients:
-                logger.warning("round %d: %d client update(s), fewer than --min_fit_clients %d: the global adapter "
-                               "stays as it was", server_round, len(updates), self.min_fit_clients)
-                self.rounds[server_round]["skipped"] = True
-                return None, None
-            return super().aggregate_train(server_round, updates)
-
-        def _name(self, node_id: int, reason: str = "") -> str:
-            found = re.search(r"client (\d+): ", reason)
-            if found:
-                return f"client {found.group(1)}"
-            return self.client_names.get(node_id, f"node {node_id}")
-
-    return AdapterAveraging
+    def _name(self, node_id: int, reason: str = "") -> str:
+        found = re.search(r"client (\d+): ", reason)
+        if found:
+            return f"client {found.group(1)}"
+        return self.client_names.get(node_id, f"node {node_id}")
 
 
 def failure_summary(reason: str) -> str:
@@ -409,30 +421,16 @@ class GlobalAdapter:
     """The server's copy of base + adapter: the initial adapter, one saved folder per round, and evaluation."""
 
     def __init__(self, run: FederatedRun):
-        from transformers import set_seed
-
-        from fora import data, modeling
-        from fora.templates import get_template
-        from fora.training import PaddingCollator
-
         self.run = run
-        self.model_path = modeling.resolve_model_path(run.model.model_name_or_path)
-        self.tokenizer = modeling.load_tokenizer(self.model_path, run.model.trust_remote_code)
-        self.template = get_template(self.tokenizer, run.data.template)
-        model = modeling.load_model(
-            self.model_path, run.dtype, run.model.trust_remote_code, run.model.quantization_bit,
-            unmap_freed_memory=run.model.unmap_freed_memory,
-        )
-        set_seed(run.training.seed)
-        self.model = modeling.attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
+        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run, None)
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
         self.evaluator = None
         if run.data.validation_file:
-            eval_args = local_training_args(run.training, str(run.output_dir), 1, None, 0)
+            eval_args = quiet_training_args(run.training, str(run.output_dir))
             dataset = data.build_dataset(
                 run.data.validation_file, self.tokenizer, self.template, run.data, run.training.main_process_first, logger.info
             )
-            self.evaluator = proximal_trainer_class()(
+            self.evaluator = SupervisedTrainer(
                 model=self.model, args=eval_args, eval_dataset=dataset, processing_class=self.tokenizer,
                 data_collator=PaddingCollator(self.tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
             )
@@ -440,14 +438,12 @@ class GlobalAdapter:
     def save(self, folder: Path, state: dict[str, torch.Tensor], server_round: int) -> None:
         """The adapter in train_lora.py's format (PEFT files, tokenizer, fora_run.json), written to a
         staging folder and renamed into place, so a reader never finds half an adapter."""
-        from fora import modeling
-
         load_adapter_state(self.model, state)
-        staging = folder.with_name(f".tmp-{folder.name}")
+        staging = folder / f"{STAGING_PREFIX}adapter"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed midway
         self.model.save_pretrained(str(staging))
         self.tokenizer.save_pretrained(str(staging))
         modeling.write_run_info(str(staging), self.run_record(server_round))
-        folder.mkdir(parents=True, exist_ok=True)
         for path in staging.iterdir():
             os.replace(path, folder / path.name)
         staging.rmdir()
@@ -483,8 +479,6 @@ class GlobalAdapter:
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Eval loss on --validation_file (the Trainer's, as train_lora.py reports it); with --eval_generate
         also ROUGE-L and BLEU-4 of greedy answers, generated and scored by the prediction code."""
-        from fora import data, generate, metrics
-
         if self.evaluator is None:
             return {}
         load_adapter_state(self.model, state)
@@ -516,8 +510,6 @@ class History:
         self.record = {"base_model_bytes": base_bytes, "rounds": []}
 
     def add(self, entry: dict) -> None:
-        from fora.training import write_json
-
         self.record["rounds"].append(entry)
         write_json(self.output_dir / HISTORY_FILE, self.record)
         self.plot()
@@ -546,15 +538,13 @@ class History:
 
 def serve(grid, argv: list[str]) -> None:
     """The ServerApp's body: initial adapter, the rounds, a saved and evaluated adapter after each."""
-    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
     run = parse(argv)
     fed = run.federated
+    refuse_previous_run(run)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     server = GlobalAdapter(run)
     history = History(run.output_dir, server.base_bytes)
-    averaging = adapter_averaging_class()(fed.min_fit_clients, fed.proximal_mu)
+    averaging = AdapterAveraging(fed.min_fit_clients, fed.proximal_mu)
     strategy = averaging
     if fed.dp_noise_multiplier is not None:
         strategy = DifferentialPrivacyClientSideFixedClipping(
@@ -567,6 +557,7 @@ def serve(grid, argv: list[str]) -> None:
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = arrays.to_torch_state_dict()
         if server_round:
+            (run.output_dir / f"round-{server_round}").mkdir(exist_ok=True)
             server.save(run.output_dir / f"round-{server_round}", state, server_round)
         scores = server.evaluate(state)
         entry = {"round": server_round, **scores, **averaging.rounds.get(server_round, {})}
@@ -594,9 +585,6 @@ def serve(grid, argv: list[str]) -> None:
 
 def make_server_app(argv: list[str] | None = None):
     """The ServerApp. `argv`: the flags (simulation); None: read them from the run config (deployment)."""
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-
     app = ServerApp()
 
     @app.main()
@@ -608,16 +596,12 @@ def make_server_app(argv: list[str] | None = None):
 
 def simulate(run: FederatedRun, argv: list[str]) -> None:
     """Run the apps in Flower's simulation engine: one virtual SuperNode per client, in Ray workers."""
-    import importlib.util
-
     if importlib.util.find_spec("ray") is None:
         raise UserError('the simulation engine needs Ray: pip install "flwr[simulation]" (or deploy with a SuperLink; see README)')
     from flwr.simulation import run_simulation
 
-    from fora.modeling import REPO
-
     # Ray's workers import this package (the ClientApp's code) from the repository.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(modeling.REPO), os.environ.get("PYTHONPATH")]))
     fed = run.federated
     gpus = 1.0 / fed.num_clients if torch.cuda.is_available() else 0.0
     run_simulation(
