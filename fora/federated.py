@@ -519,6 +519,7 @@ class History:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rounds = self.record["rounds"]
         for metric in ("eval_loss", "rouge-l", "bleu-4"):
@@ -527,6 +528,7 @@ class History:
                 continue
             figure, axes = plt.subplots(figsize=(6, 4))
             axes.plot(*zip(*points), marker="o")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
             axes.set_xlabel("round")
             axes.set_ylabel(metric)
             axes.set_title(f"global adapter: {metric} per round")
