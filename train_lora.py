@@ -104,19 +104,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
             if is_main:
                 removed = clear_previous_run(output_dir, Path(training_args.logging_dir))
                 log(f"--overwrite_output_dir: removed the previous run's {removed} checkpoints and files from {output_dir}")
-    record = RunRecord(
-        base_model=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-        finetuning_type=finetuning_args.finetuning_type,
-        torch_dtype=model_args.torch_dtype,
-        quantization_bit=model_args.quantization_bit,
-        trust_remote_code=model_args.trust_remote_code,
-        template=template.name,
-        data_format=data_args.data_format,
-        prompt_column=data_args.prompt_column,
-        response_column=data_args.response_column,
-        max_source_length=data_args.max_source_length,
-        max_target_length=data_args.max_target_length,
-    )
+    record = RunRecord.of_training(model_path, model_args, data_args, finetuning_args, template.name)
     training_args.remove_unused_columns = False  # the collator picks its columns; `length` feeds length grouping
     # SupervisedTrainer stops at the first NaN/inf loss; the filter would only average such losses away,
     # reading every micro-batch's loss on the host to do it.

@@ -47,6 +47,25 @@ class RunRecord:
     response_column: str | None = None
     max_source_length: int | None = None
     max_target_length: int | None = None
+    federated: dict | None = None  # train_federated.py: the round and the federation's settings
+
+    @classmethod
+    def of_training(cls, model_path: str, model_args, data_args, finetuning_args, template_name: str, **extra) -> "RunRecord":
+        """The record of a training run from its parsed flags (config.py), the base it loaded and its template."""
+        return cls(
+            base_model=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+            finetuning_type=finetuning_args.finetuning_type,
+            torch_dtype=model_args.torch_dtype,
+            quantization_bit=model_args.quantization_bit,
+            trust_remote_code=model_args.trust_remote_code,
+            template=template_name,
+            data_format=data_args.data_format,
+            prompt_column=data_args.prompt_column,
+            response_column=data_args.response_column,
+            max_source_length=data_args.max_source_length,
+            max_target_length=data_args.max_target_length,
+            **extra,
+        )
 
     def save(self, folder: str | Path) -> None:
         """Write FOLDER/fora_run.json through a temporary file: a reader sees the old record or the new one."""

@@ -1,0 +1,464 @@
+"""Federated fine-tuning (fora/federated.py, train_federated.py): aggregation, FedProx, dropped clients,
+what travels, a real 2-client simulation whose adapter predict_fora.py and merge_lora.py take, bad input."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ONE_THREAD, REPO, run_script, write_jsonl
+
+PYTHON = shutil.which("python") or "python"
+pytestmark = pytest.mark.usefixtures("one_thread")
+FLOWER_ENV = {**ONE_THREAD, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+
+
+def train_records(count: int, start: int = 0) -> list[dict]:
+    lines = (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[start:start + count]]
+
+
+# --- Aggregation and dropped clients (Flower's real Message objects, no network) ------------------
+
+
+def metadata(src_node_id: int):
+    from flwr.app import Metadata
+
+    return Metadata(run_id=1, message_id="", src_node_id=src_node_id, dst_node_id=0, reply_to_message_id="m",
+                    group_id="1", created_at=time.time(), ttl=60, message_type="train")
+
+
+def update(node_id: int, client: int, num_examples: int, state: dict):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 1.0, "client": client})
+    return Message(metadata=metadata(node_id), content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}))
+
+
+def failure(node_id: int, reason: str):
+    from flwr.app import Error, Message
+
+    return Message(metadata=metadata(node_id), error=Error(code=0, reason=reason))
+
+
+def random_states(count: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"layers.0.q_proj.lora_A.weight": (4, 16), "layers.0.q_proj.lora_B.weight": (16, 4), "layers.1.lora_A.weight": (4, 8)}
+    return [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(count)]
+
+
+@pytest.fixture
+def flower_log():
+    """Lines Flower's logger (which the federated apps log through) wrote during the test."""
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("flwr").addHandler(handler)
+    yield lines
+    logging.getLogger("flwr").removeHandler(handler)
+
+
+def test_aggregation_is_the_example_weighted_mean_tensor_by_tensor():
+    from fora.federated import AdapterAveraging
+
+    states, counts = random_states(3), [5, 20, 75]
+    strategy = AdapterAveraging(min_fit_clients=3, proximal_mu=0.0)
+    arrays, _ = strategy.aggregate_train(1, [update(10 + i, i, n, s) for i, (n, s) in enumerate(zip(counts, states))])
+    merged = arrays.to_torch_state_dict()
+    assert set(merged) == set(states[0])
+    for name in states[0]:
+        expected = sum(n * s[name].double() for n, s in zip(counts, states)) / sum(counts)
+        torch.testing.assert_close(merged[name].double(), expected, rtol=1e-6, atol=1e-7)
+        # not the plain mean: the weighting matters
+        assert not torch.allclose(merged[name].double(), sum(s[name].double() for s in states) / 3, atol=1e-3)
+    assert [c["num_examples"] for c in strategy.rounds[1]["clients"]] == counts
+
+
+def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_remain(flower_log):
+    from fora.federated import AdapterAveraging
+
+    (state,) = random_states(1)
+    reason = "ClientAppException: client 1: ValueError: out of memory in step 2\nTraceback ..."
+    strategy = AdapterAveraging(min_fit_clients=1, proximal_mu=0.0)
+    arrays, _ = strategy.aggregate_train(1, [update(10, 0, 7, state), failure(11, reason)])
+    merged = arrays.to_torch_state_dict()
+    for name in state:  # the one update left is the average
+        torch.testing.assert_close(merged[name], state[name])
+    assert strategy.rounds[1]["dropped"] == ["client 1 failed: ValueError: out of memory in step 2"]
+    assert any("round 1: client 1 failed: ValueError: out of memory" in line for line in flower_log)
+
+    strict = AdapterAveraging(min_fit_clients=2, proximal_mu=0.0)
+    assert strict.aggregate_train(1, [update(10, 0, 7, state), failure(11, reason)]) == (None, None)
+    assert strict.rounds[1]["skipped"]
+    assert any("fewer than --min_fit_clients 2: the global adapter stays" in line for line in flower_log)
+
+
+def test_a_client_that_does_not_answer_in_time_is_named(flower_log, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fora.federated import AdapterAveraging
+
+    class TwoNodes:  # the part of a Grid that configure_train uses
+        def get_node_ids(self):
+            return [10, 11]
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # messages are stamped with their run, sender and task
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    (state,) = random_states(1)
+    strategy = AdapterAveraging(min_fit_clients=1, proximal_mu=0.25)
+    strategy.client_names[11] = "client 1"  # learned from an earlier round's reply
+    messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), TwoNodes()))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [10, 11]
+    assert all(m.content["config"]["proximal-mu"] == 0.25 for m in messages)
+    strategy.aggregate_train(1, [update(10, 0, 7, state)])
+    assert strategy.rounds[1]["dropped"] == ["client 1 did not answer within --round_timeout"]
+    assert strategy.rounds[1]["clients"][0]["download_bytes"] == ArrayRecord(state).count_bytes()
+
+
+# --- FedProx -------------------------------------------------------------------------------------
+
+
+def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradient(tmp_path, tiny_model):
+    from config import FinetuningArguments, TrainArguments
+    from fora import modeling
+    from fora.federated import ProximalTrainer
+
+    batch = {"input_ids": torch.tensor([[1, 20, 30, 40, 50, 60]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, 30, 40, 50, 60]])}
+    args = TrainArguments(output_dir=str(tmp_path), report_to="none", gradient_accumulation_steps=2)
+
+    def gradients(mu: float) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
+        trainer = ProximalTrainer(model=model, args=args, proximal_mu=mu)
+        global_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():  # the client has moved away from the global adapter
+            generator = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        model.train()
+        trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(4)).backward()
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, {
+            n: weights[n] - global_weights[n] for n in weights
+        }
+
+    plain, _ = gradients(0.0)
+    mu = 0.5
+    proximal, distance = gradients(mu)
+    for name in plain:
+        # mu * (w - w_global), split over the two micro-batches of one optimizer step
+        torch.testing.assert_close(proximal[name] - plain[name], mu * distance[name] / 2, rtol=1e-4, atol=1e-6)
+    assert any(distance[n].abs().max() > 0 for n in distance)
+
+
+# --- Partitioning --------------------------------------------------------------------------------
+
+
+def test_partitions_are_seeded_disjoint_and_by_field_keep_each_value_on_one_client():
+    from fora.data import Record
+    from fora.federated import split_by_field, split_iid
+
+    shares = split_iid(10, 3, seed=1)
+    assert sorted(i for s in shares for i in s) == list(range(10)) and sorted(map(len, shares)) == [3, 3, 4]
+    assert split_iid(10, 3, seed=1) == shares and split_iid(10, 3, seed=2) != shares
+    records = [Record(f"f: line {i}", {"site": site}) for i, site in enumerate("aabbbcaab")]
+    shares = split_by_field(records, "site", 2)
+    assert sorted(i for s in shares for i in s) == list(range(9))
+    for share in shares:
+        sites = {records[i].value["site"] for i in share}
+        assert all(records[i].value["site"] not in sites for other in shares if other is not share for i in other)
+
+
+# --- A real simulation: 2 clients x 2 rounds on a tiny model -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def federated_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("federated")
+    train = write_jsonl(folder / "train.jsonl", train_records(24))
+    validation = write_jsonl(folder / "validation.jsonl", train_records(6, start=100))
+    out = folder / "out"
+    result = run_script(
+        PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file", str(train),
+        "--validation_file", str(validation), "--num_clients", "2", "--num_rounds", "2", "--local_steps", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_rank", "4",
+        "--max_source_length", "64", "--max_target_length", "32", "--output_dir", str(out), "--report_to", "none",
+        # Flower's DP wrapper and clipping mod in the loop, set so they change nothing (no noise, a norm never reached)
+        "--dp_noise_multiplier", "0", "--dp_clipping_norm", "1000",
+        timeout=420, env=FLOWER_ENV,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_round(federated_run):
+    out, _ = federated_run
+    history = json.loads((out / "federated_history.json").read_text())
+    rounds = history["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[2]["eval_loss"] < rounds[0]["eval_loss"]
+    assert [c["client"] for c in rounds[1]["clients"]] == [0, 1] and rounds[2]["dropped"] == []
+    assert sum(c["num_examples"] for c in rounds[1]["clients"]) == 24
+    for folder in (out / "round-1", out / "round-2", out):
+        assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+        assert json.loads((folder / "fora_run.json").read_text())["finetuning_type"] == "lora"
+    assert json.loads((out / "round-2" / "fora_run.json").read_text())["federated"]["round"] == 2
+    final, round_2, round_1 = (load_file(str(f / "adapter_model.safetensors")) for f in (out, out / "round-2", out / "round-1"))
+    assert all(torch.equal(final[k], round_2[k]) for k in final)
+    assert any(not torch.equal(round_1[k], round_2[k]) for k in final)
+    assert (out / "federated_eval_loss.png").stat().st_size > 0
+    log = federated_run[1].stdout + federated_run[1].stderr
+    assert "parameters are clipped by value: 1000" in log and "central DP noise with 0.0000 stdev added" in log
+
+
+def test_only_adapter_tensors_travel(federated_run, tiny_model):
+    from flwr.app import ArrayRecord
+    from safetensors import safe_open
+
+    from config import FinetuningArguments
+    from fora import modeling
+    from fora.federated import adapter_state
+
+    out, _ = federated_run
+    history = json.loads((out / "federated_history.json").read_text())
+    adapter = load_file(str(out / "round-2" / "adapter_model.safetensors"))
+    adapter_bytes = ArrayRecord(adapter).count_bytes()
+    with safe_open(str(tiny_model / "model.safetensors"), "pt") as base_file:
+        base_bytes = sum(base_file.get_tensor(k).nbytes for k in base_file.keys())  # noqa: SIM118 (safe_open is no dict)
+    for entry in history["rounds"][1:]:
+        for client in entry["clients"]:
+            assert client["download_bytes"] == client["upload_bytes"] == adapter_bytes
+    assert adapter_bytes < base_bytes / 20 and history["base_model_bytes"] >= base_bytes * 0.9
+    # What a client sends: the adapter's tensors by PEFT's names, no tensor of the base model.
+    model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
+    payload = adapter_state(model)
+    assert set(payload) == set(adapter)
+    base_names = set(model.get_base_model().state_dict())
+    assert all("lora_" in name for name in payload) and not base_names & set(payload)
+
+
+def test_the_round_2_adapter_loads_in_predict_and_merge(federated_run, tmp_path):
+    out, _ = federated_run
+    test_file = write_jsonl(tmp_path / "test.jsonl", train_records(2, start=200))
+    predicted = run_script(
+        PYTHON, "predict_fora.py", "--model_dir", str(out / "round-2"), "--test_path", str(test_file),
+        "--output_dir", str(tmp_path / "pred"), "--max_new_tokens", "4", env=ONE_THREAD,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
+    assert results["model_kind"] == "adapter" and results["total"] == 2
+    merged = run_script(
+        PYTHON, "merge_lora.py", "--adapter", str(out / "round-2"), "--output_dir", str(tmp_path / "merged"), env=ONE_THREAD
+    )
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+# --- Bad input: one line, exit 2, before Flower starts -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing client file", "--client_files {tmp}/absent.json: no such file"),
+        ("malformed client file", "{tmp}/bad.json: line 2: invalid JSON"),
+        ("more clients than records", "3 records for --num_clients 5; every client needs at least one"),
+        ("no rounds", "--num_rounds must be at least 1, got 0"),
+        ("field with too few values", "the field has 1 distinct values, fewer than --num_clients 2"),
+    ],
+)
+def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, expected):
+    import train_federated
+    from fora.errors import UserError
+
+    good = write_jsonl(tmp_path / "good.json", train_records(3))
+    (tmp_path / "bad.json").write_text(json.dumps(train_records(1)[0]) + "\n{not json\n", encoding="utf-8")
+    flags = {
+        "missing client file": ["--partition", "files", "--client_files", f"{good},{tmp_path}/absent.json"],
+        "malformed client file": ["--partition", "files", "--client_files", f"{good},{tmp_path}/bad.json"],
+        "more clients than records": ["--train_file", str(good), "--num_clients", "5"],
+        "no rounds": ["--train_file", str(good), "--num_rounds", "0"],
+        "field with too few values": ["--train_file", str(good), "--partition", "field:instruction"],
+    }[case]
+    argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags]
+    with pytest.raises(UserError) as error:
+        train_federated.main(argv)
+    assert expected.format(tmp=tmp_path) in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "federated_history.json").exists()
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model):
+    result = run_script(PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file",
+                        "data/train.json", "--num_rounds", "0", "--output_dir", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --num_rounds must be at least 1, got 0"]
+
+
+# --- The deployment engine, for real on loopback: one SuperLink, two SuperNodes --------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float, processes: list) -> None:
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in processes), "a Flower process exited early (see its log)"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def stop_processes(started: list) -> None:
+    """SIGTERM each started process group, SIGKILL what is left; then the same for the helper processes
+    Flower spawned in sessions of their own (flower-superexec, flwr-serverapp, flwr-clientapp), which name
+    their parent with --parent-pid."""
+    import signal
+
+    import psutil
+
+    pids = {p.pid for p in started}
+    helpers = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        parent = cmdline[cmdline.index("--parent-pid") + 1:][:1] if "--parent-pid" in cmdline else []
+        if parent and int(parent[0]) in pids:
+            helpers += [proc, *proc.children(recursive=True)]
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for process in started:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    _, alive = psutil.wait_procs(helpers, timeout=20)
+    for proc in alive:
+        proc.kill()
+
+
+def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link_port, node_ports = free_port(), (free_port(), free_port())
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    sites = [write_jsonl(tmp_path / f"site-{i}.jsonl", train_records(10, start=10 * i)) for i in range(2)]
+    validation = write_jsonl(tmp_path / "validation.jsonl", train_records(4, start=100))
+    out = tmp_path / "out"
+    started = []
+
+    def start(name: str, *command: str) -> None:
+        with open(tmp_path / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            started.append(subprocess.Popen([str(bin_dir / command[0]), *command[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, cwd=tmp_path, start_new_session=True))
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+              "--disable-runtime-dependency-installation")
+        wait_for_port(link_port, 120, started)
+        for site, (data_file, port) in enumerate(zip(sites, node_ports)):
+            start(f"supernode-{site}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--port", str(port), "--node-config",
+                  f"partition-id={site} num-partitions=2 data-file='{data_file}' model-path='{tiny_model}'")
+        flags = (f"--model_name_or_path {tiny_model} --num_clients 2 --num_rounds 2 --local_steps 2 "
+                 f"--per_device_train_batch_size 4 --learning_rate 5e-3 --lora_rank 4 --max_source_length 64 "
+                 f"--max_target_length 32 --validation_file {validation} --output_dir {out} --report_to none")
+        result = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(REPO / "federated_app"), "test", "--stream", "--run-config", f'flags="{flags}"'],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480, check=False,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        history = json.loads((out / "federated_history.json").read_text())
+        assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+        assert [[c["num_examples"] for c in r["clients"]] for r in history["rounds"][1:]] == [[10, 10], [10, 10]]
+        assert history["rounds"][2]["eval_loss"] < history["rounds"][0]["eval_loss"]
+        assert (out / "round-2" / "adapter_model.safetensors").is_file() and (out / "fora_run.json").is_file()
+    finally:
+        stop_processes(started)
+    assert all(p.poll() is not None for p in started)
+
+
+def test_dp_clipping_bounds_each_client_update_when_the_server_asks(monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fora.federated import clip_when_asked
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    (global_state,) = random_states(1)
+    moved = {k: v + 1.0 for k, v in global_state.items()}  # an update of norm far above 0.5
+
+    def local_training(msg, context):
+        return Message(RecordDict({"arrays": ArrayRecord(moved), "metrics": ConfigRecord()}), reply_to=msg)
+
+    def train_message(config: dict):
+        return Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(config)}),
+                       dst_node_id=1, message_type="train")
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    clipped = clip_when_asked(train_message({KEY_CLIPPING_NORM: 0.5}), context, local_training)
+    sent = clipped.content["arrays"].to_torch_state_dict()
+    norm = torch.sqrt(sum(((sent[k] - global_state[k]) ** 2).sum() for k in global_state))
+    assert norm == pytest.approx(0.5, rel=1e-5)
+    untouched = clip_when_asked(train_message({}), context, local_training).content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(untouched[k], moved[k]) for k in moved)
+
+
+def test_a_fora_adapter_travels_whole_between_two_sites(tiny_model):
+    """FoRA's extra factors are part of what travels: a second site that loads the tensors computes the same outputs."""
+    from config import FinetuningArguments
+    from fora import modeling
+    from fora.federated import adapter_state, load_adapter_state
+
+    def site(seed: int):
+        torch.manual_seed(seed)
+        model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32),
+                                        FinetuningArguments(finetuning_type="fora", lora_rank=4))
+        with torch.no_grad():  # a trained adapter: every factor away from its initial value
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        return model.eval()
+
+    trained, other = site(0), site(1)
+    ids = torch.tensor([[1, 200, 300, 400]])
+    assert not torch.allclose(trained(ids).logits, other(ids).logits, atol=1e-5)
+    payload = adapter_state(trained)
+    assert len({name.rsplit(".", 2)[-2] for name in payload}) > 2  # more factors than LoRA's A and B
+    load_adapter_state(other, payload)
+    torch.testing.assert_close(other(ids).logits, trained(ids).logits)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter_state(other, dict(list(payload.items())[1:]))
