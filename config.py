@@ -655,9 +655,11 @@ class ChatArguments:
     temperature: float = field(
         default=0.7, metadata={"help": "Sampling temperature; 0 = greedy (always the most likely token)."}
     )
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: sample from the most likely tokens holding this much probability."})
+    top_p: float = field(
+        default=0.9, metadata={"help": "Nucleus sampling: draw from the most likely tokens that hold this much probability."}
+    )
     system: str | None = field(
-        default=None, metadata={"help": "System prompt put before the conversation (default: the template's own, if any)."}
+        default=None, metadata={"help": "System prompt put before the conversation; unset: the template's own, if any."}
     )
     side_by_side: bool = field(
         default=False,

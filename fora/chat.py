@@ -194,7 +194,8 @@ class _WhenSet(StoppingCriteria):
 def describe(model_dir: str | None, info: dict, template_name: str) -> str:
     bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
     if info["model_kind"] == "adapter":
-        what = f"{info.get('finetuning_type') or 'LoRA'} adapter {model_dir} on {Path(info['base_model']).name}"
+        kind = {"lora": "LoRA", "fora": "FoRA"}.get(info.get("finetuning_type"), "LoRA")
+        what = f"{kind} adapter {model_dir} on {Path(info['base_model']).name}"
     elif info["model_kind"] == "model":
         what = f"model {model_dir}"
     else:
