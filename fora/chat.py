@@ -81,7 +81,8 @@ class ChatModel:
                 merge=False,  # a merged adapter cannot be switched off for the base's side
             )
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as error:  # a damaged adapter or model
-            raise UserError(f"--model_dir {args.model_dir}: a file in it cannot be read ({str(error).splitlines()[0]})") from None
+            where = f"--model_dir {args.model_dir}" if args.model_dir else f"--ori_model_dir {args.ori_model_dir}"
+            raise UserError(f"{where}: a file in it cannot be read ({str(error).splitlines()[0]})") from None
         self.template = get_template(self.tokenizer, args.template or info.get("template"))
         self.max_src_len = args.max_src_len or info.get("max_source_length") or DEFAULT_LENGTH
         self.max_tgt_len = info.get("max_target_length") or DEFAULT_LENGTH
