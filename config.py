@@ -753,3 +753,61 @@ class FederatedArguments:
 
     def client_file_list(self) -> list[str]:
         return [name.strip() for name in (self.client_files or "").split(",") if name.strip()]
+
+
+def _same_flag_as(arguments_class, name: str):
+    """A field defined like `name` of `arguments_class` (default, aliases and help), so both scripts
+    take the flag with one meaning."""
+    original = arguments_class.__dataclass_fields__[name]
+    return field(default=original.default, metadata=original.metadata)
+
+
+@dataclass
+class ChatArguments:
+    """Flags of web_demo.py and cli_demo.py: predict_fora.py's model flags, then the chat's own.
+
+    The web page takes them after `--`: `streamlit run web_demo.py -- --model_dir output/demo/adapter`.
+    The sampling flags are the starting values of the page's sidebar.
+    """
+
+    model_dir: str | None = _same_flag_as(PredictArguments, "model_dir")
+    ori_model_dir: str | None = _same_flag_as(PredictArguments, "ori_model_dir")
+    template: str | None = _same_flag_as(PredictArguments, "template")
+    max_src_len: int | None = _same_flag_as(PredictArguments, "max_src_len")
+    torch_dtype: str = _same_flag_as(PredictArguments, "torch_dtype")
+    quantization_bit: int | None = _same_flag_as(PredictArguments, "quantization_bit")
+    trust_remote_code: bool = _same_flag_as(PredictArguments, "trust_remote_code")
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens of one reply."})
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature; 0 = greedy (always the most likely token)."}
+    )
+    top_p: float = field(
+        default=0.9, metadata={"help": "Nucleus sampling: draw from the most likely tokens that hold this much probability."}
+    )
+    system: str | None = field(
+        default=None, metadata={"help": "System prompt put before the conversation; unset: the template's own, if any."}
+    )
+    side_by_side: bool = field(
+        default=False,
+        metadata={
+            "help": "With an adapter: answer every message twice, with the fine-tuned model and with its base "
+            "(the adapter switched off), to see what the fine-tune changed."
+        },
+    )
+
+    def __post_init__(self):
+        if self.model_dir and "," in self.model_dir:
+            raise UserError(f"--model_dir {self.model_dir}: give one adapter or model folder, not a list")
+        for name in ("max_src_len", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must not be negative, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.torch_dtype not in DTYPES:
+            raise UserError(f"--torch_dtype {self.torch_dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise UserError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        check_template_name(self.template)

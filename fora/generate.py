@@ -24,7 +24,16 @@ from fora.data import Conversation, encode, render_turns
 def build_prompt(
     tokenizer, template, conversation: Conversation, max_source_length: int, max_target_length: int
 ) -> tuple[list[int], bool]:
-    """Prompt ids for the reply to the last turn, and whether anything was cut.
+    """Prompt ids for the reply to the last turn, and whether anything was cut (see `fit_turns`)."""
+    ids, cut, left_out = fit_turns(tokenizer, template, conversation, max_source_length, max_target_length)
+    return ids, cut or left_out > 0
+
+
+def fit_turns(
+    tokenizer, template, conversation: Conversation, max_source_length: int, max_target_length: int
+) -> tuple[list[int], bool, int]:
+    """Prompt ids for the reply to the last turn, whether a turn was cut, and how many of the oldest
+    turns were left out (the chat reports them).
 
     Every prompt is fitted to `max_source_length` as training fits it (the end of the user's text
     cut, the template and its assistant header kept whole), each history reply cut to
@@ -40,7 +49,7 @@ def build_prompt(
         ids, _, cut = encode(segments, max_source_length, max_target_length)
         last_prompt = segments[-1].prompt
         if ids[len(ids) - len(last_prompt):] == last_prompt:
-            return ids, cut or first > 0
+            return ids, cut, first
     raise AssertionError("unreachable: a single turn always fits")
 
 
