@@ -13,7 +13,6 @@ did not answer (side by side switched on later, or a reply stopped before it) sh
 the user saw.
 """
 
-import json
 import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -21,12 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from fora import generate, modeling
 from fora.data import Conversation
-from fora.errors import UserError
 from fora.templates import get_template
 
 FINE_TUNED, BASE = "fine-tuned", "base"  # who answers: the model as loaded, or its base with the adapter off
@@ -75,14 +72,10 @@ class ChatModel:
 
     def __init__(self, args):
         """`args` holds predict_fora.py's model flags (config.ChatArguments)."""
-        try:
-            self.model, self.tokenizer, info = modeling.load_inference_model(
-                args.model_dir, args.ori_model_dir, args.torch_dtype, args.trust_remote_code, args.quantization_bit,
-                merge=False,  # a merged adapter cannot be switched off for the base's side
-            )
-        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as error:  # a damaged adapter or model
-            where = f"--model_dir {args.model_dir}" if args.model_dir else f"--ori_model_dir {args.ori_model_dir}"
-            raise UserError(f"{where}: a file in it cannot be read ({str(error).splitlines()[0]})") from None
+        self.model, self.tokenizer, info = modeling.load_inference_model(
+            args.model_dir, args.ori_model_dir, args.torch_dtype, args.trust_remote_code, args.quantization_bit,
+            merge=False,  # a merged adapter cannot be switched off for the base's side
+        )
         self.template = get_template(self.tokenizer, args.template or info.get("template"))
         self.max_src_len = args.max_src_len or info.get("max_source_length") or DEFAULT_LENGTH
         self.max_tgt_len = info.get("max_target_length") or DEFAULT_LENGTH

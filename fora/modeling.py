@@ -358,6 +358,17 @@ def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False, flag:
         raise
 
 
+@contextlib.contextmanager
+def _damaged_files_named(flag: str, folder: str):
+    """A weights or JSON file that cannot be read (truncated, overwritten) is the user's to fix: one line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as error:
+        raise UserError(f"{flag} {folder}: a file in it cannot be read ({str(error).splitlines()[0]})") from None
+
+
 def load_inference_model(
     model_dir: str | None = None,
     base_model: str | None = None,
@@ -414,10 +425,12 @@ def load_inference_model(
     require_remote_code_flag(trust_remote_code, record, model_dir, model_path)
 
     tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
-    model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag)
+    with _damaged_files_named(model_flag, model_path):
+        model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag)
     merged = False
     if adapter:
-        model = load_adapter(model, adapter, flag="--model_dir")
+        with _damaged_files_named("--model_dir", adapter):
+            model = load_adapter(model, adapter, flag="--model_dir")
         if merge and not quantization_bit and dtype_name == "float32":
             model, merged = model.merge_and_unload(), True  # W + dW once: same outputs up to rounding, no adapter work per token
     if not quantization_bit and torch.cuda.is_available():
