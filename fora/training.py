@@ -1,4 +1,4 @@
-"""Trainer glue: padding collator, supervised-position loss, atomic checkpoints, loss curve, and run results."""
+"""Trainer glue: padding collator, global batches, supervised-position loss, atomic checkpoints, loss curve, and run results."""
 
 import inspect
 import json
@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.data import IGNORE_INDEX
@@ -43,6 +45,40 @@ class PaddingCollator:
             batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """The epoch's order of records, in whole global batches (per-device batch x processes x accumulation steps).
+
+    The order depends only on the seed, the epoch, the data and the global batch size, and every process draws
+    the same one. accelerate gives process r the per-device batches r, r + P, r + 2P, ... of it, so an optimizer
+    step trains on the same records whether one process or several share them. With `lengths`, records of
+    similar length fill each global batch (transformers' length grouping, at the global batch size). A short
+    last global batch is completed with the epoch's first records (as accelerate's even_batches does for the
+    processes, here for any number of them), or left out with `drop_last`.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, shuffle: bool, lengths: list[int] | None, drop_last: bool):
+        self.size, self.global_batch, self.seed, self.shuffle = size, global_batch, seed, shuffle
+        self.lengths, self.drop_last = lengths, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        whole, rest = divmod(self.size, self.global_batch)
+        return (whole + (rest > 0 and not self.drop_last)) * self.global_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is not None:
+            order = get_length_grouped_indices(self.lengths, self.global_batch, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter((order * -(-len(self) // self.size))[: len(self)])
 
 
 def supervised_loss_sum(states: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +210,42 @@ class SupervisedTrainer(Trainer):
         real, total = self.accelerator.gather(counts).view(-1, 2).sum(0).tolist()
         return real, total
 
+    # --- Global batches, the same under any number of processes ---------------------------------
+
+    train_sampler: GlobalBatchSampler | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        """GlobalBatchSampler for the random, sequential and length-grouped orders (batch_rebalance shards itself).
+
+        transformers groups by length at the per-process batch size and draws the order from the global
+        RNG, which under several processes accelerate reseeds: the order, and so every step, changed with
+        the number of processes.
+        """
+        strategy = self.args.train_sampling_strategy
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if strategy == "batch_rebalance" or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        lengths = None
+        if strategy == "group_by_length":
+            column = self.args.length_column_name
+            lengths = dataset[column] if column in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
+        self.train_sampler = GlobalBatchSampler(
+            len(dataset),
+            global_batch=self._train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
+            shuffle=strategy != "sequential",
+            lengths=lengths,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        return self.train_sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # accelerate passes the epoch on to the sampler, except through the loader that skips a resumed
+        # epoch's first batches under several processes; the sampler would then replay epoch 0's order.
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
     # --- Atomic checkpoints ------------------------------------------------------------------------
 
     resumed_from: str | None = None  # the checkpoint this run started from; --save_total_limit keeps it
@@ -184,6 +256,9 @@ class SupervisedTrainer(Trainer):
             resume_from_checkpoint = last_checkpoint(self.args.output_dir)
         self.resumed_from = resume_from_checkpoint or None
         self.first_nonfinite_step = torch.tensor(NO_BAD_STEP, device=self.args.device)
+        # Dropout draws from each process's own stream: with one seed everywhere, the processes would drop the
+        # same units in the records they share a step with. (A resume restores each process's saved stream.)
+        set_seed(self.args.seed + self.args.process_index)
         return super().train(resume_from_checkpoint, **kwargs)
 
     def _get_output_dir(self, trial) -> str:

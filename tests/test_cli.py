@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED_DATA, run_script, write_jsonl
+from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 
 PYTHON = shutil.which("python") or "python"
 
@@ -20,6 +20,13 @@ def train(tmp_path, model, *extra, output="out"):
         "--cache_dir", str(tmp_path / "cache"), "--report_to", "none", *extra,
     )
     return out, result
+
+
+def first_records(path, count):
+    """The project's own data/train.json, cut to its first `count` records (alpaca format, like the seed's spo_0.json)."""
+    lines = (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines(True)[:count]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
 
 
 def adapter_weights(folder):
@@ -119,8 +126,7 @@ def test_full_finetuning_with_use_lora_false(tmp_path, tiny_model):
 @pytest.mark.parametrize("adapter_flags", [[], ["--finetuning_type", "fora"]], ids=["lora", "fora"])
 def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapter_flags):
     """The seed's deepspeed command as written (and with FoRA); only paths and the device selection differ."""
-    subset = tmp_path / "spo_0.json"  # the first 16 records, so four epochs end in a minute
-    subset.write_text("".join((SHARED_DATA / "spo_0.json").read_text(encoding="utf-8").splitlines(True)[:16]), encoding="utf-8")
+    subset = first_records(tmp_path / "spo_0.json", 16)  # the seed's data has this format; 4 epochs end in a minute
     out = tmp_path / "ds_out"
     result = run_script(
         "deepspeed", "--num_gpus", "2", "train_lora.py", "--train_file", str(subset),
@@ -177,3 +183,52 @@ def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert "eval_loss" in (result.stdout + result.stderr)
+
+
+# --- The number of processes does not change the run ------------------------------------------
+
+SPLITS = {  # the same global batch of 4 records, split differently
+    "accumulation": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"],
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "train_lora.py", "--per_device_train_batch_size", "2"],
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "train_lora.py", "--per_device_train_batch_size", "2",
+                  "--deepspeed", "ds_config.json"],
+}
+SPLIT_STEPS = 16  # 30 records = 7 whole global batches and a short one per epoch, 2 epochs
+
+
+def train_split(tmp_path, model, launch, output):
+    """Two epochs over 30 records, logged every step and saved at the last one (its trainer_state.json)."""
+    data = tmp_path / "records.json"
+    if not data.exists():
+        first_records(data, 30)
+    out = tmp_path / output
+    result = run_script(
+        *launch, "--model_name_or_path", str(model), "--train_file", str(data), "--output_dir", str(out),
+        "--cache_dir", str(tmp_path / "cache"), "--report_to", "none", "--seed", "11", "--learning_rate", "1e-3",
+        "--num_train_epochs", "2", "--logging_steps", "1", "--save_steps", str(SPLIT_STEPS),
+        env=ONE_THREAD, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((out / f"checkpoint-{SPLIT_STEPS}" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry], adapter_weights(out)
+
+
+@pytest.fixture(scope="module")
+def one_process_batch_4(tmp_path_factory, tiny_model):
+    launch = [PYTHON, "train_lora.py", "--per_device_train_batch_size", "4"]
+    return train_split(tmp_path_factory.mktemp("split"), tiny_model, launch, "one_process")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_processes_and_accumulation_split_the_same_global_batches(tmp_path, tiny_model, one_process_batch_4, split):
+    """1 process x batch 2 x 2 accumulation steps, and 2 processes x batch 2 (torchrun; deepspeed ZeRO-2), log the
+    same per-step losses and train the same adapter as 1 process x batch 4, to float32 rounding (1e-5 relative):
+    same records per step, each a token mean over the whole global batch."""
+    losses, weights = train_split(tmp_path, tiny_model, SPLITS[split], split)
+    reference_losses, reference = one_process_batch_4
+    assert len(losses) == len(reference_losses) == SPLIT_STEPS
+    for step, (loss, expected) in enumerate(zip(losses, reference_losses), 1):
+        assert abs(loss - expected) <= 1e-5 * abs(expected), f"step {step}: loss {loss} != {expected}"
+    assert weights.keys() == reference.keys()
+    for name, expected in reference.items():
+        assert (weights[name] - expected).norm() <= 1e-5 * expected.norm(), name
