@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import get_length_grouped_indices, safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.data import IGNORE_INDEX
@@ -255,6 +256,8 @@ class SupervisedTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(self.args.output_dir)
         self.resumed_from = resume_from_checkpoint or None
+        if resume_from_checkpoint:
+            check_checkpoint_holds_only_data(resume_from_checkpoint)
         self.first_nonfinite_step = torch.tensor(NO_BAD_STEP, device=self.args.device)
         # Dropout draws from each process's own stream: with one seed everywhere, the processes would drop the
         # same units in the records they share a step with. (A resume restores each process's saved stream.)
@@ -399,6 +402,62 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
         if (match := CHECKPOINT_NAME.fullmatch(path.name)) and (path / TRAINER_STATE_NAME).is_file()
     }
     return str(steps[max(steps)]) if steps else None
+
+
+# --- Resuming loads data, never code -----------------------------------------------------------
+
+PICKLED_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save's files; safetensors and JSON hold no code
+DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's checkpoint names the folder of its states here
+
+
+def check_checkpoint_holds_only_data(checkpoint: str | Path) -> None:
+    """Refuse to resume from a checkpoint whose pickled files hold anything but tensors and plain data.
+
+    Unpickling runs whatever code a file names. transformers and PEFT read their files with torch's
+    weights-only unpickler, but DeepSpeed reads *_model_states.pt and *_optim_states.pt with
+    weights_only=False. So every pickled file a resume may read is first opened here with the weights-only
+    unpickler, allowing only the classes honest checkpoints hold, before any of them is loaded.
+    """
+    folder = Path(checkpoint)
+    deepspeed = (folder / DEEPSPEED_TAG_FILE).is_file()
+    if deepspeed:
+        tag = (folder / DEEPSPEED_TAG_FILE).read_text(encoding="utf-8").strip()
+        if tag in ("", ".", "..") or Path(tag).name != tag:  # DeepSpeed would read the folder it names, anywhere
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: {DEEPSPEED_TAG_FILE} names {tag!r}, not a folder of the checkpoint")
+    with safe_globals(), torch.serialization.safe_globals(deepspeed_checkpoint_classes() if deepspeed else []):
+        for path in pickled_files(folder):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            except Exception as error:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+                detail = f"it unpickles {found[1]}" if found else str(error).strip().splitlines()[-1]
+                raise UserError(
+                    f"--resume_from_checkpoint {checkpoint}: {path.relative_to(folder)} is not only tensors and plain "
+                    f"data ({detail}); loading it could run code, so this checkpoint is not resumed"
+                ) from None
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The objects DeepSpeed's ZeRO optimizer states pickle besides tensors: its loss scaler, ZeRO stage and
+    parameter-fragment addresses (plain attributes only; none defines its own unpickling)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def pickled_files(folder: Path) -> list[Path]:
+    """The torch.save files under `folder`, through linked folders too (each real folder once), except the
+    training arguments, which the Trainer writes for reference and a resume never reads."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(root))
+        found += [Path(root, name) for name in files if name.endswith(PICKLED_SUFFIXES) and name != TRAINING_ARGS_NAME]
+    return sorted(found)
 
 
 class LossPlotCallback(TrainerCallback):
