@@ -1,4 +1,4 @@
-"""Trainer glue: padding collator, supervised-position loss, atomic checkpoints, loss curve, and run results."""
+"""Trainer glue: padding collator, global batches, supervised-position loss, atomic checkpoints, loss curve, and run results."""
 
 import inspect
 import json
@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
+from torch.utils.data import Sampler
+from transformers import PretrainedConfig, Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import get_length_grouped_indices, safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.data import IGNORE_INDEX
@@ -48,6 +51,40 @@ class PaddingCollator:
             batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """The epoch's order of records, in whole global batches (per-device batch x processes x accumulation steps).
+
+    The order depends only on the seed, the epoch, the data and the global batch size, and every process draws
+    the same one. accelerate gives process r the per-device batches r, r + P, r + 2P, ... of it, so an optimizer
+    step trains on the same records whether one process or several share them. With `lengths`, records of
+    similar length fill each global batch (transformers' length grouping, at the global batch size). A short
+    last global batch is completed with the epoch's first records (as accelerate's even_batches does for the
+    processes, here for any number of them), or left out with `drop_last`.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, shuffle: bool, lengths: list[int] | None, drop_last: bool):
+        self.size, self.global_batch, self.seed, self.shuffle = size, global_batch, seed, shuffle
+        self.lengths, self.drop_last = lengths, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        whole, rest = divmod(self.size, self.global_batch)
+        return (whole + (rest > 0 and not self.drop_last)) * self.global_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is not None:
+            order = get_length_grouped_indices(self.lengths, self.global_batch, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter((order * -(-len(self) // self.size))[: len(self)])
 
 
 @dataclass(frozen=True)
@@ -238,6 +275,42 @@ class SupervisedTrainer(Trainer):
         real, total = self.accelerator.gather(counts).view(-1, 2).sum(0).tolist()
         return real, total
 
+    # --- Global batches, the same under any number of processes ---------------------------------
+
+    train_sampler: GlobalBatchSampler | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        """GlobalBatchSampler for the random, sequential and length-grouped orders (batch_rebalance shards itself).
+
+        transformers groups by length at the per-process batch size and draws the order from the global
+        RNG, which under several processes accelerate reseeds: the order, and so every step, changed with
+        the number of processes.
+        """
+        strategy = self.args.train_sampling_strategy
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if strategy == "batch_rebalance" or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        lengths = None
+        if strategy == "group_by_length":
+            column = self.args.length_column_name
+            lengths = dataset[column] if column in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
+        self.train_sampler = GlobalBatchSampler(
+            len(dataset),
+            global_batch=self._train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
+            shuffle=strategy != "sequential",
+            lengths=lengths,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        return self.train_sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # accelerate passes the epoch on to the sampler, except through the loader that skips a resumed
+        # epoch's first batches under several processes; the sampler would then replay epoch 0's order.
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
     # --- Atomic checkpoints ------------------------------------------------------------------------
 
     resumed_from: str | None = None  # the checkpoint this run started from; --save_total_limit keeps it
@@ -247,7 +320,12 @@ class SupervisedTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(self.args.output_dir)
         self.resumed_from = resume_from_checkpoint or None
+        if resume_from_checkpoint:
+            check_checkpoint_holds_only_data(resume_from_checkpoint)
         self.first_nonfinite_step = torch.tensor(NO_BAD_STEP, device=self.args.device)
+        # Dropout draws from each process's own stream: with one seed everywhere, the processes would drop the
+        # same units in the records they share a step with. (A resume restores each process's saved stream.)
+        set_seed(self.args.seed + self.args.process_index)
         return super().train(resume_from_checkpoint, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
@@ -390,6 +468,62 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
         if (match := CHECKPOINT_NAME.fullmatch(path.name)) and (path / TRAINER_STATE_NAME).is_file()
     }
     return str(steps[max(steps)]) if steps else None
+
+
+# --- Resuming loads data, never code -----------------------------------------------------------
+
+PICKLED_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save's files; safetensors and JSON hold no code
+DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's checkpoint names the folder of its states here
+
+
+def check_checkpoint_holds_only_data(checkpoint: str | Path) -> None:
+    """Refuse to resume from a checkpoint whose pickled files hold anything but tensors and plain data.
+
+    Unpickling runs whatever code a file names. transformers and PEFT read their files with torch's
+    weights-only unpickler, but DeepSpeed reads *_model_states.pt and *_optim_states.pt with
+    weights_only=False. So every pickled file a resume may read is first opened here with the weights-only
+    unpickler, allowing only the classes honest checkpoints hold, before any of them is loaded.
+    """
+    folder = Path(checkpoint)
+    deepspeed = (folder / DEEPSPEED_TAG_FILE).is_file()
+    if deepspeed:
+        tag = (folder / DEEPSPEED_TAG_FILE).read_text(encoding="utf-8").strip()
+        if tag in ("", ".", "..") or Path(tag).name != tag:  # DeepSpeed would read the folder it names, anywhere
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: {DEEPSPEED_TAG_FILE} names {tag!r}, not a folder of the checkpoint")
+    with safe_globals(), torch.serialization.safe_globals(deepspeed_checkpoint_classes() if deepspeed else []):
+        for path in pickled_files(folder):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            except Exception as error:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+                detail = f"it unpickles {found[1]}" if found else str(error).strip().splitlines()[-1]
+                raise UserError(
+                    f"--resume_from_checkpoint {checkpoint}: {path.relative_to(folder)} is not only tensors and plain "
+                    f"data ({detail}); loading it could run code, so this checkpoint is not resumed"
+                ) from None
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The objects DeepSpeed's ZeRO optimizer states pickle besides tensors: its loss scaler, ZeRO stage and
+    parameter-fragment addresses (plain attributes only; none defines its own unpickling)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def pickled_files(folder: Path) -> list[Path]:
+    """The torch.save files under `folder`, through linked folders too (each real folder once), except the
+    training arguments, which the Trainer writes for reference and a resume never reads."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(root))
+        found += [Path(root, name) for name in files if name.endswith(PICKLED_SUFFIXES) and name != TRAINING_ARGS_NAME]
+    return sorted(found)
 
 
 class LossPlotCallback(TrainerCallback):

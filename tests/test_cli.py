@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED_DATA, run_script, write_jsonl
+from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 
 PYTHON = shutil.which("python") or "python"
 
@@ -20,6 +20,13 @@ def train(tmp_path, model, *extra, output="out"):
         "--cache_dir", str(tmp_path / "cache"), "--report_to", "none", *extra,
     )
     return out, result
+
+
+def first_records(path, count):
+    """The project's own data/train.json, cut to its first `count` records (alpaca format, like the seed's spo_0.json)."""
+    lines = (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines(True)[:count]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
 
 
 def adapter_weights(folder):
@@ -119,8 +126,7 @@ def test_full_finetuning_with_use_lora_false(tmp_path, tiny_model):
 @pytest.mark.parametrize("adapter_flags", [[], ["--finetuning_type", "fora"]], ids=["lora", "fora"])
 def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapter_flags):
     """The seed's deepspeed command as written (and with FoRA); only paths and the device selection differ."""
-    subset = tmp_path / "spo_0.json"  # the first 16 records, so four epochs end in a minute
-    subset.write_text("".join((SHARED_DATA / "spo_0.json").read_text(encoding="utf-8").splitlines(True)[:16]), encoding="utf-8")
+    subset = first_records(tmp_path / "spo_0.json", 16)  # the seed's data has this format; 4 epochs end in a minute
     out = tmp_path / "ds_out"
     result = run_script(
         "deepspeed", "--num_gpus", "2", "train_lora.py", "--train_file", str(subset),
@@ -177,3 +183,148 @@ def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert "eval_loss" in (result.stdout + result.stderr)
+
+
+# --- The number of processes does not change the run ------------------------------------------
+
+SPLITS = {  # the same global batch of 4 records, split differently
+    "one_process": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "4"],
+    "accumulation": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"],
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "train_lora.py", "--per_device_train_batch_size", "2"],
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "train_lora.py", "--per_device_train_batch_size", "2",
+                  "--deepspeed", "ds_config.json"],
+}
+SPLIT_STEPS = 16  # 30 records = 7 whole global batches and a short one per epoch, 2 epochs
+
+
+def train_split(folder, model, split, *extra, output=None):
+    """Two epochs over 30 records, logged every step and saved every 4 (the last one's trainer_state.json)."""
+    out = folder / (output or split)
+    result = run_script(
+        *SPLITS[split], "--model_name_or_path", str(model), "--train_file", str(folder / "records.json"),
+        "--output_dir", str(out), "--cache_dir", str(folder / "cache"), "--report_to", "none", "--seed", "11",
+        "--learning_rate", "1e-3", "--num_train_epochs", "2", "--logging_steps", "1", "--save_steps", "4", *extra,
+        env=ONE_THREAD, timeout=900,
+    )
+    return out, result
+
+
+def logged_losses(out):
+    state = json.loads((out / f"checkpoint-{SPLIT_STEPS}" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory, tiny_model):
+    """Each split trained once for the tests below: split name -> (run folder, the folder of all runs)."""
+    folder = tmp_path_factory.mktemp("splits")
+    first_records(folder / "records.json", 30)
+    runs = {}
+
+    def run(split):
+        if split not in runs:
+            out, result = train_split(folder, tiny_model, split)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            runs[split] = out
+        return runs[split], folder
+
+    return run
+
+
+def assert_same_run(out, reference, tolerance):
+    losses, expected_losses = logged_losses(out), logged_losses(reference)
+    assert len(losses) == len(expected_losses) == SPLIT_STEPS
+    for step, (loss, expected) in enumerate(zip(losses, expected_losses), 1):
+        assert abs(loss - expected) <= tolerance * abs(expected), f"step {step}: loss {loss} != {expected}"
+    weights, expected_weights = adapter_weights(out), adapter_weights(reference)
+    assert weights.keys() == expected_weights.keys()
+    for name, expected in expected_weights.items():
+        assert (weights[name] - expected).norm() <= tolerance * expected.norm(), name
+
+
+@pytest.mark.parametrize("split", ["accumulation", "torchrun", "deepspeed"])
+def test_processes_and_accumulation_split_the_same_global_batches(split_runs, split):
+    """1 process x batch 2 x 2 accumulation steps, and 2 processes x batch 2 (torchrun; deepspeed ZeRO-2), log the
+    same per-step losses and train the same adapter as 1 process x batch 4, to float32 rounding (1e-5 relative):
+    the same records in each step, the loss a token mean over the whole global batch."""
+    assert_same_run(split_runs(split)[0], split_runs("one_process")[0], tolerance=1e-5)
+
+
+# --- Resuming loads data, never code ------------------------------------------------------------
+
+
+class Payload:
+    """Unpickled, it creates `marker` (as any code a pickle names would run)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path, marker):
+    torch.save({"state": Payload(marker)}, path)
+
+
+RESUME_READS = {  # every pickled file a resume of a split's checkpoint-12 reads, besides safetensors and JSON
+    "accumulation": ["optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.bin"],
+    "deepspeed": ["global_step12/mp_rank_00_model_states.pt", "global_step12/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                  "global_step12/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_0.pth", "rng_state_1.pth",
+                  "scheduler.pt"],
+}
+
+
+@pytest.mark.parametrize("split", RESUME_READS)
+def test_a_payload_in_any_file_a_resume_reads_is_refused_before_it_loads(tmp_path, split_runs, split):
+    from fora.errors import UserError
+    from fora.training import check_checkpoint_holds_only_data
+
+    honest = split_runs(split)[0] / "checkpoint-12"
+    pickled = {str(p.relative_to(honest)) for p in honest.rglob("*") if p.suffix in (".pt", ".pth", ".bin")}
+    assert pickled == set(RESUME_READS[split]) - {"adapter_model.bin"} | {"training_args.bin"}
+    check_checkpoint_holds_only_data(honest)
+    marker = tmp_path / "payload-ran"
+    for name in RESUME_READS[split]:
+        planted = tmp_path / name.replace("/", "_")
+        shutil.copytree(honest, planted)
+        if name == "adapter_model.bin":  # PEFT reads it where there is no adapter_model.safetensors
+            (planted / "adapter_model.safetensors").unlink()
+        plant(planted / name, marker)
+        with pytest.raises(UserError, match=f"{name} is not only tensors and plain data .it unpickles io.open."):
+            check_checkpoint_holds_only_data(planted)
+        assert not marker.exists(), name
+    escape = tmp_path / "escape"
+    shutil.copytree(honest, escape)
+    (escape / "latest").write_text("../../elsewhere")  # DeepSpeed would read the states of the folder it names
+    with pytest.raises(UserError, match="latest names '../../elsewhere', not a folder of the checkpoint"):
+        check_checkpoint_holds_only_data(escape)
+
+
+@pytest.mark.parametrize("split, planted", [("accumulation", "optimizer.pt"),
+                                            ("deepspeed", "global_step12/zero_pp_rank_1_mp_rank_00_optim_states.pt")])
+def test_resuming_from_a_planted_checkpoint_stops_in_one_line(tiny_model, split_runs, split, planted):
+    """Through the launcher: exit 2, one line naming the file, and the payload never ran (DeepSpeed itself
+    would read its states with weights_only=False)."""
+    honest, folder = split_runs(split)
+    out = folder / f"planted_{split}"
+    shutil.copytree(honest / "checkpoint-12", out / "checkpoint-12")
+    marker = folder / f"payload-ran-{split}"
+    plant(out / "checkpoint-12" / planted, marker)
+    _, result = train_split(folder, tiny_model, split, "--resume_from_checkpoint", "auto", output=out.name)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{planted} is not only tensors and plain data (it unpickles io.open)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_an_honest_deepspeed_checkpoint_resumes_to_the_uninterrupted_run(tiny_model, split_runs):
+    """Resumed at step 12 (mid-way through the second epoch) under deepspeed ZeRO-2: the same losses after it
+    and the same adapter as the run that was never stopped."""
+    whole, folder = split_runs("deepspeed")
+    resumed = folder / "resumed_deepspeed"
+    shutil.copytree(whole / "checkpoint-12", resumed / "checkpoint-12")
+    _, result = train_split(folder, tiny_model, "deepspeed", "--resume_from_checkpoint", "auto", output=resumed.name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Resuming from" in result.stdout
+    assert_same_run(resumed, whole, tolerance=1e-6)
