@@ -282,9 +282,9 @@ class SupervisedTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         """GlobalBatchSampler for the random, sequential and length-grouped orders (batch_rebalance shards itself).
 
-        transformers groups by length at the per-process batch size and draws the order from the global
-        RNG, which under several processes accelerate reseeds: the order, and so every step, changed with
-        the number of processes.
+        transformers groups by length at the per-process batch size, draws the order from each process's
+        global RNG (which dropout advances too), and completes a short last batch only under several
+        processes: the records of a step changed with the number of processes.
         """
         strategy = self.args.train_sampling_strategy
         dataset = self.train_dataset if train_dataset is None else train_dataset

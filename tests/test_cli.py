@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 
 import pytest
 import torch
@@ -200,13 +201,22 @@ SPLIT_STEPS = 16  # 30 records = 7 whole global batches and a short one per epoc
 def train_split(folder, model, split, *extra, output=None):
     """Two epochs over 30 records, logged every step and saved every 4 (the last one's trainer_state.json)."""
     out = folder / (output or split)
+    launch = list(SPLITS[split])
+    if launch[0] != PYTHON:  # not the launchers' default port, which another run on the machine may hold
+        launch[1:1] = ["--master_port", str(free_port())]
     result = run_script(
-        *SPLITS[split], "--model_name_or_path", str(model), "--train_file", str(folder / "records.json"),
+        *launch, "--model_name_or_path", str(model), "--train_file", str(folder / "records.json"),
         "--output_dir", str(out), "--cache_dir", str(folder / "cache"), "--report_to", "none", "--seed", "11",
         "--learning_rate", "1e-3", "--num_train_epochs", "2", "--logging_steps", "1", "--save_steps", "4", *extra,
         env=ONE_THREAD, timeout=900,
     )
     return out, result
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def logged_losses(out):
