@@ -269,6 +269,14 @@ class TrainArguments(TrainingArguments):
             "transformers does."
         },
     )
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint even if its pickled files (optimizer, DeepSpeed states) hold objects "
+            "beyond tensors, plain data and the few classes honest checkpoints need. Unpickling such a file can run "
+            "code: pass it only for a checkpoint you wrote yourself."
+        },
+    )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where metrics go: tensorboard (default), none, or other HF integrations."}
     )

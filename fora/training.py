@@ -320,7 +320,7 @@ class SupervisedTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(self.args.output_dir)
         self.resumed_from = resume_from_checkpoint or None
-        if resume_from_checkpoint:
+        if resume_from_checkpoint and not getattr(self.args, "trust_checkpoint", False):
             check_checkpoint_holds_only_data(resume_from_checkpoint)
         self.first_nonfinite_step = torch.tensor(NO_BAD_STEP, device=self.args.device)
         # Dropout draws from each process's own stream: with one seed everywhere, the processes would drop the
@@ -499,7 +499,8 @@ def check_checkpoint_holds_only_data(checkpoint: str | Path) -> None:
                 detail = f"it unpickles {found[1]}" if found else str(error).strip().splitlines()[-1]
                 raise UserError(
                     f"--resume_from_checkpoint {checkpoint}: {path.relative_to(folder)} is not only tensors and plain "
-                    f"data ({detail}); loading it could run code, so this checkpoint is not resumed"
+                    f"data ({detail}); loading it could run code, so this checkpoint is not resumed "
+                    "(--trust_checkpoint resumes it anyway: only for a checkpoint you wrote yourself)"
                 ) from None
 
 
