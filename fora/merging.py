@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fora import modeling
+from fora import compat, modeling
 from fora.errors import UserError
 
 MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
@@ -79,6 +79,7 @@ def run_dtype(run_info: dict) -> torch.dtype:
 def load_fp32_base(base: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
+    compat.prepare_remote_code(base, trust_remote_code, "--base_model")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except OSError as error:

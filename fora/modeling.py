@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fora import compat
 from fora.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,11 +88,13 @@ def load_tokenizer(
     folder = Path(model_path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{flag} {model_path}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    compat.prepare_remote_code(model_path, trust_remote_code, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
     except OSError as error:  # e.g. a path that does not exist, taken for a hub id, with no network
         problem = "cannot load its tokenizer" if folder.is_dir() else "no such folder, and not fetchable as a hub id"
         raise UserError(f"{flag} {model_path}: {problem} ({str(error).splitlines()[0]})") from None
+    compat.adapt_tokenizer(tokenizer)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked by attention_mask and labels, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -133,6 +136,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    compat.prepare_remote_code(model_path, trust_remote_code, flag)
     if quantization_bit:
         kwargs["quantization_config"] = quantization_config(quantization_bit, dtype)
         # Each process holds its whole model on its own device (data parallel).
