@@ -571,6 +571,14 @@ class PredictArguments:
         default=False,
         metadata={"help": "Accepted for LLaMA-Factory command lines; this script always generates and scores."},
     )
+    use_model_generation_config: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode with the model's own generation_config.json (its sampling, top-k/top-p and repetition "
+            "penalty) instead of --do_sample/--num_beams/--temperature/--top_p. Off: greedy (or what those flags "
+            "ask for) with every penalty off, whatever the model folder carries."
+        },
+    )
 
     def __post_init__(self):
         if not self.output_dir:

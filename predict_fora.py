@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. Generate.
     set_seed(args.seed)
     config = generate.generation_config(
-        tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p
+        tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p,
+        model=model if args.use_model_generation_config else None,
     )
     started = time.perf_counter()
     new_ids = generate.generate_ids(

@@ -8,6 +8,7 @@ name; the user's model folder and site-packages are never touched.
     compat.prepare_remote_code(path, trust_remote_code)  # refuses code without the flag; adapts the
     X.from_pretrained(path, ...)                          # folder's classes before they are instantiated
     compat.adapt_tokenizer(tokenizer)                     # per instance, after loading
+    compat.copy_tokenizer_files(base, merged_folder)      # tokenizers travel as the base's files
 
 Tokenizer classes
 - `get_vocab` reached from the base `__init__` before the subclass has built its vocabulary
@@ -142,6 +143,31 @@ def adapt_tokenizer(tokenizer):
     if getattr(tokenizer, "encode_special_tokens", None) is False:
         tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+# Files that make up a tokenizer in a model folder (its own Python code included).
+TOKENIZER_FILE_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*",
+    "*.model", "*.tiktoken", "tokenization_*.py",
+)
+
+
+def copy_tokenizer_files(base: str, destination: Path, trust_remote_code: bool = False) -> None:
+    """Put the base's tokenizer files into `destination` byte for byte. A tokenizer re-saved by
+    transformers 5 can encode differently (it drops Baichuan2's `add_bos_token: false`, so a BOS
+    appears that training never saw); copies keep the prompt ids of training, prediction, merging
+    and chat the same. A hub id (no local folder) is re-saved instead."""
+    import shutil
+
+    if not Path(base).is_dir():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(destination)
+        return
+    for pattern in TOKENIZER_FILE_PATTERNS:
+        for source in Path(base).glob(pattern):
+            if source.is_file():
+                shutil.copyfile(source, Path(destination) / source.name)
 
 
 # --- tokenizers ------------------------------------------------------------------------------------

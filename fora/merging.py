@@ -5,7 +5,8 @@
                  │      quantized linear layer and put those weights into the fp32 base
                  └─ attach the adapter (modeling.load_adapter) → merge_and_unload (W += ΔW in fp32;
                     FoRA: ΔW = s·D(I+E+CB)A via fusion_lora.ForaLinearVariant) → cast to --dtype
-                    → save_pretrained (sharded safetensors) + tokenizer into a temporary folder
+                    → save_pretrained (sharded safetensors) + the base's tokenizer files, byte for byte,
+                    into a temporary folder
                     → rename into place
 
 Nothing is written to --output_dir until the merged model is complete, and a failure leaves
@@ -148,13 +149,11 @@ def merge(args, log=print) -> Path:
     merged.config.name_or_path = str(output_dir)
     log(f"Merged the {kind} adapter {adapter}; saving in {str(out_dtype).removeprefix('torch.')}")
 
-    tokenizer = load_tokenizer(adapter, base, trust_remote_code)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         merged.save_pretrained(staging, max_shard_size=args.max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        compat.copy_tokenizer_files(base, staging, trust_remote_code)
         provenance = {
             "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
             "adapter": str(adapter.resolve()),
@@ -183,16 +182,6 @@ def output_dtype(requested: str, base: str, run_info: dict) -> torch.dtype:
         config = json.loads(config_file.read_text(encoding="utf-8"))
         stored = config.get("dtype") or config.get("torch_dtype")
     return getattr(torch, stored) if stored in ("float32", "bfloat16", "float16") else torch.float32
-
-
-def load_tokenizer(adapter: Path, base: str, trust_remote_code: bool):
-    """The tokenizer saved with the adapter (training's, pad token included), else the base's."""
-    from transformers import AutoTokenizer
-
-    for source in (adapter, base):
-        if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    return None
 
 
 def replace_dir(staging: Path, output_dir: Path) -> None:

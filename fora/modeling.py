@@ -440,11 +440,8 @@ def load_inference_model(
     dtype = getattr(torch, dtype_name)
     require_remote_code_flag(trust_remote_code, info, model_dir, model_path)
 
-    has_tokenizer = adapter and any((Path(adapter) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
-    if has_tokenizer:
-        tokenizer = load_tokenizer(adapter, trust_remote_code, padding_side="left", flag="--model_dir")
-    else:
-        tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
+    # The base's own files, never the copy re-saved with an adapter (see compat.copy_tokenizer_files).
+    tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
     model = load_model(model_path, dtype, trust_remote_code, quantization_bit, flag=model_flag)
     if adapter:
         model = load_adapter(model, adapter, flag="--model_dir")
