@@ -20,7 +20,6 @@ Tokenizer classes
   instance, so `<|user|>` is one id, as in the model's own `build_chat_input`.
 Config classes
 - `use_cache`, read by the modeling code, gone from transformers 5 configs: a class default (True, as in 4.x).
-- depth named `num_layers` (ChatGLM): `num_hidden_layers` mapped to it through `attribute_map`.
 Model classes
 - a generative class (its own `prepare_inputs_for_generation`) that does not inherit `GenerationMixin`,
   which `PreTrainedModel` no longer brings: given it as a last base, so `generate` exists.
@@ -29,9 +28,9 @@ Model classes
   or generate with a config holding them).
 - `__init__` that never calls `post_init()` (ChatGLM): called after it.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
-  for them, passes the model's tuples back under the old name, gives left-padded rows their
-  positions, and offers the removed `_extract_past_from_model_output` the model's own
-  `_update_model_kwargs_for_generation` calls (which is kept from extending an absent mask).
+  for them, passes the model's tuples back under the old name, and offers the removed `_extract_past_from_model_output` the model's own
+  `_update_model_kwargs_for_generation` calls (which is kept from extending an absent mask, and whose
+  cache is handed back under the name beam search reorders).
 """
 
 import functools
@@ -248,9 +247,6 @@ def _init_registering_special_tokens(init):
 def _adapt_config_class(cls) -> None:
     if not hasattr(cls, "use_cache"):
         cls.use_cache = True  # read by the modeling code; transformers 5 configs no longer carry it
-    parameters = inspect.signature(cls.__init__).parameters
-    if "num_layers" in parameters and "num_hidden_layers" not in parameters:
-        cls.attribute_map = {**getattr(cls, "attribute_map", {}), "num_hidden_layers": "num_layers"}
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -287,6 +283,11 @@ def _init_with_post_init(init):
         finally:
             for name in missing:
                 delattr(config, name)
+        if missing and getattr(self, "generation_config", None) is not None:
+            from transformers import GenerationConfig
+
+            # Built by PreTrainedModel.__init__ while the fields were there; rebuilt from the config as it is.
+            self.generation_config = GenerationConfig.from_model_config(config)
         if not hasattr(self, "all_tied_weights_keys"):  # the remote __init__ skipped post_init()
             self.post_init()
 
@@ -294,9 +295,6 @@ def _init_with_post_init(init):
 
 
 def _prepare_legacy_inputs(prepare):
-    parameters = inspect.signature(prepare).parameters
-    takes_positions = "position_ids" in parameters
-
     @functools.wraps(prepare)
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         # transformers 5 hands the previous step's cache back as `cache`; the model reads `past_key_values`.
@@ -304,10 +302,6 @@ def _prepare_legacy_inputs(prepare):
         if kwargs.get("past_key_values") is None and cache is not None:
             kwargs["past_key_values"] = cache
         kwargs.pop("next_sequence_length", None)
-        mask = kwargs.get("attention_mask")
-        if takes_positions and kwargs.get("position_ids") is None and mask is not None:
-            # Left-padded rows start at position 0 at their first real token, as the model's own _pad does.
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return prepare(self, input_ids, *args, **kwargs)
 
     return prepare_inputs_for_generation
@@ -319,7 +313,11 @@ def _update_without_empty_inputs(update):
         # transformers 5 keeps `attention_mask: None` where it dropped an all-ones mask; ChatGLM's
         # override extends whatever key is present.
         model_kwargs = {key: value for key, value in model_kwargs.items() if value is not None or key != "attention_mask"}
-        return update(self, outputs, model_kwargs, *args, **kwargs)
+        model_kwargs = update(self, outputs, model_kwargs, *args, **kwargs)
+        # The override stores the cache under its old name; generate (beam reordering) looks under `cache` first.
+        if "past_key_values" in model_kwargs:
+            model_kwargs["cache"] = model_kwargs.pop("past_key_values")
+        return model_kwargs
 
     return _update_model_kwargs_for_generation
 

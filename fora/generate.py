@@ -73,7 +73,6 @@ def generation_config(
         no_repeat_ngram_size=0,
         length_penalty=1.0,
         min_length=0,
-        min_new_tokens=0,
     )
 
 

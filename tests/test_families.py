@@ -105,6 +105,9 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
     config = generate.generation_config(tokenizer, stop)
     assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 4, config, progress=False) == expected
     assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 1, config, progress=False) == expected
+    beams = generate.generation_config(tokenizer, stop, num_beams=2)  # the cache reordered per beam
+    beam_rows = generate.generate_ids(model, tokenizer, prompts, stop, 6, 4, beams, progress=False)
+    assert beam_rows == generate.generate_ids(model, tokenizer, prompts, stop, 6, 1, beams, progress=False)
     if family == "baichuan2":
         own = generate.generation_config(tokenizer, stop, model=model)  # --use_model_generation_config
         assert own.repetition_penalty == 1.05 and own.do_sample and own.top_k == 5
