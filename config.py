@@ -116,8 +116,10 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Prompt format: a name from fora/templates.py (default, alpaca, vicuna, chatml, qwen, llama2, "
-            "llama3, baichuan2, chatglm2, chatglm3, internlm2, empty) or chat_template. Unset: the tokenizer's "
-            "chat template if it has one, else default ('Human: ...\\n\\nAssistant: ')."
+            "llama3, baichuan, baichuan2, chatglm2, chatglm3, internlm2, empty) or chat_template. Unset or auto: "
+            "the model family's own format where config.json and the tokenizer tell it (Baichuan/Baichuan2 chat, "
+            "ChatGLM2/3, InternLM2), else the tokenizer's chat template if it has one, else default "
+            "('Human: ...\\n\\nAssistant: ')."
         },
     )
     max_source_length: int = field(

@@ -19,7 +19,8 @@ Tokenizer classes
 - role tokens encoded as text unless `encode_special_tokens` is on (ChatGLM3): switched on per
   instance, so `<|user|>` is one id, as in the model's own `build_chat_input`.
 Config classes
-- `use_cache`, read by the modeling code, gone from transformers 5 configs: a class default (True, as in 4.x).
+- `use_cache`, read by the modeling code, gone from transformers 5 configs: a class default (True, as in
+  4.x). A depth named `num_layers` (ChatGLM) needs no `num_hidden_layers`: nothing builds a Cache from it.
 Model classes
 - a generative class (its own `prepare_inputs_for_generation`) that does not inherit `GenerationMixin`,
   which `PreTrainedModel` no longer brings: given it as a last base, so `generate` exists.
@@ -28,9 +29,11 @@ Model classes
   or generate with a config holding them).
 - `__init__` that never calls `post_init()` (ChatGLM): called after it.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
-  for them, passes the model's tuples back under the old name, and offers the removed `_extract_past_from_model_output` the model's own
-  `_update_model_kwargs_for_generation` calls (which is kept from extending an absent mask, and whose
-  cache is handed back under the name beam search reorders).
+  for them and passes the model's tuples back under the old name; the removed
+  `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
+  which is kept from extending an absent mask and whose cache goes back where beam search reorders it.
+A model's positions are left to it: left padding shifts a row's rotary positions by a constant,
+which attention does not see.
 """
 
 import functools

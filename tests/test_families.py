@@ -243,3 +243,51 @@ def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders,
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     torch.testing.assert_close(loss, expected)
+
+
+class StubTokenizer:
+    """What family_template reads from a tokenizer: its folder and its id → token mapping."""
+
+    def __init__(self, folder: Path, tokens: dict[int, str]):
+        self.name_or_path, self.tokens = str(folder), tokens
+
+    def convert_ids_to_tokens(self, index):
+        return self.tokens.get(index)
+
+    def convert_tokens_to_ids(self, token):
+        return next((i for i, t in self.tokens.items() if t == token), 0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "generation", "tokens", "expected"),
+    [
+        ("baichuan", {"user_token_id": 195}, {195: "<reserved_102>"}, "baichuan"),  # Baichuan-13B-Chat
+        ("baichuan", {"user_token_id": 195}, {195: "<reserved_106>"}, "baichuan2"),
+        ("baichuan", None, {195: "<reserved_102>"}, None),  # Baichuan-7B: a base model, no chat format
+        ("internlm2", None, {}, "internlm2"),
+        ("llama", None, {}, None),  # Llama 2 or 3, chat or base: the tokenizer's chat template decides
+    ],
+)
+def test_family_template_from_config_and_tokenizer(model_type, generation, tokens, expected, tmp_path):
+    from fora.templates import family_template
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    if generation:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    assert family_template(StubTokenizer(tmp_path, tokens)) == expected
+
+
+def test_model_scripts_name_existing_configs_and_templates():
+    """Every scripts/models/*.sh names a configs/ file that exists and a template fora knows."""
+    import re
+
+    from fora.templates import NAMED_TEMPLATES
+
+    scripts = sorted((REPO / "scripts" / "models").glob("*.sh"))
+    assert len(scripts) >= 13
+    for script in scripts:
+        settings = dict(re.findall(r"(\w+)=(\S*)", script.read_text().splitlines()[3]))
+        assert settings["NAME"] == script.stem
+        assert (REPO / "configs" / settings["LORA_CONFIG"]).is_file(), script
+        assert settings["TEMPLATE"] in {"auto", *NAMED_TEMPLATES}, script
+        assert json.loads((REPO / "configs" / settings["LORA_CONFIG"]).read_text())["lora_target_modules"]
