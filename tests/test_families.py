@@ -68,7 +68,7 @@ def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_folders):
     folder = family_folders[family]
-    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=True)
+    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     assert template.name == family
     [(prompt, response)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
@@ -96,7 +96,7 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
     """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's positions),
     gives what full forward passes give; Baichuan2's generation_config.json (sampling, repetition_penalty
     1.05) is not inherited."""
-    model, tokenizer, _ = modeling.load_inference_model(None, str(family_folders[family]), trust_remote_code=True)
+    model, tokenizer, _ = modeling.load_inference_model(None, str(family_folders[family]), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     prompts = [template.encode(tokenizer, None, [(r["instruction"], None)])[0][0] for r in RECORDS]
     assert len({len(p) for p in prompts}) > 1  # the batch is padded
@@ -159,7 +159,7 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
     assert results["quantization_bit"] == (4 if finetuning_type == "qlora" else None)
     # The prompt predicted from the adapter folder is the one training saw (no BOS re-added for Baichuan2).
     first = json.loads((tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()[0])
-    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=True)
+    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     assert first["prompt"] == tokenizer.decode(documented_prompt(family, folder, QUESTION), skip_special_tokens=False)
 
     merged = tmp_path / "merged"
@@ -230,7 +230,7 @@ def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders,
     from fora.training import PaddingCollator, SupervisedTrainer
 
     folder = family_folders[family]
-    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=True)
+    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
     trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none"))
