@@ -65,9 +65,10 @@ def generation_config(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
-        # Sampling filters act only when sampling (greedy and beam search build none).
+        # Sampling filters act only when sampling; otherwise they get transformers' own defaults, which it does
+        # not warn about, instead of the model's (unused, but reported as "not valid" flags).
         **(dict(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-           if do_sample else {}),
+           if do_sample else dict(temperature=1.0, top_p=1.0, top_k=50)),
         repetition_penalty=1.0,
         encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0,

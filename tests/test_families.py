@@ -109,6 +109,9 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
     beam_rows = generate.generate_ids(model, tokenizer, prompts, stop, 6, 4, beams, progress=False)
     assert beam_rows == generate.generate_ids(model, tokenizer, prompts, stop, 6, 1, beams, progress=False)
     if family == "baichuan2":
+        penalised = generate.generation_config(tokenizer, stop)
+        penalised.repetition_penalty = 1.05  # the model's own: it would have shown in the outputs above
+        assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 4, penalised, progress=False) != expected
         own = generate.generation_config(tokenizer, stop, model=model)  # --use_model_generation_config
         assert own.repetition_penalty == 1.05 and own.do_sample and own.top_k == 5
         assert config.repetition_penalty == 1.0 and not config.do_sample
