@@ -120,8 +120,10 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Prompt format: a name from fora/templates.py (default, alpaca, vicuna, chatml, qwen, llama2, "
-            "llama3, baichuan2, chatglm2, chatglm3, internlm2, empty) or chat_template. Unset: the tokenizer's "
-            "chat template if it has one, else default ('Human: ...\\n\\nAssistant: ')."
+            "llama3, baichuan, baichuan2, chatglm2, chatglm3, internlm2, empty) or chat_template. Unset or auto: "
+            "the model family's own format where config.json and the tokenizer tell it (Baichuan/Baichuan2 chat, "
+            "ChatGLM2/3, InternLM2), else the tokenizer's chat template if it has one, else default "
+            "('Human: ...\\n\\nAssistant: ')."
         },
     )
     max_source_length: int = field(
@@ -591,6 +593,14 @@ class PredictArguments:
     predict_with_generate: bool = field(
         default=False,
         metadata={"help": "Accepted for LLaMA-Factory command lines; this script always generates and scores."},
+    )
+    use_model_generation_config: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode with the model's own generation_config.json (its sampling, top-k/top-p and repetition "
+            "penalty) instead of --do_sample/--num_beams/--temperature/--top_p. Off: greedy (or what those flags "
+            "ask for) with every penalty off, whatever the model folder carries."
+        },
     )
 
     def __post_init__(self):

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. Generate.
     set_seed(args.seed)
     config = generate.generation_config(
-        tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p
+        tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p,
+        model=model if args.use_model_generation_config else None,
     )
     tried = []
 

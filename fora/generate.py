@@ -60,9 +60,16 @@ def generation_config(
     num_beams: int = 1,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    model=None,
 ) -> GenerationConfig:
-    """A complete config, so nothing is inherited from the model's own generation_config.json."""
-    sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
+    """A complete config: `generate` fills every field left unset from the model's generation_config.json
+    (Baichuan2's carries repetition_penalty 1.05, top_k 5, sampling on), so every sampling and penalty
+    field is set here, to off unless asked for. With `model`, its own generation config is the start
+    instead, and only the stop, padding and cache fields are set."""
+    if model is not None:
+        config = copy.deepcopy(model.generation_config)
+        config.update(eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        return config
     return GenerationConfig(
         do_sample=do_sample,
         num_beams=num_beams,
@@ -70,7 +77,15 @@ def generation_config(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
-        **sampling,
+        # Sampling filters act only when sampling; otherwise they get transformers' own defaults, which it does
+        # not warn about, instead of the model's (unused, but reported as "not valid" flags).
+        **(dict(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+           if do_sample else dict(temperature=1.0, top_p=1.0, top_k=50)),
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        min_length=0,
     )
 
 
@@ -170,8 +185,9 @@ def takes_reserved_cache(model) -> bool:
     """Native transformers models whose layers all attend to the full context (no sliding window)
     accept a cache built outside `generate`; remote code keeps its own cache format."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = DynamicCache(config=base.config).layers
-    return not base.is_custom_code() and all(type(layer) is DynamicLayer for layer in layers)
+    if base.is_custom_code():  # checked first: a remote config may not describe its layers the way DynamicCache reads them
+        return False
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=base.config).layers)
 
 
 class ReservedLayer(DynamicLayer):

@@ -5,7 +5,8 @@
                  │      quantized linear layer and put those weights into the fp32 base
                  └─ attach the adapter (modeling.load_adapter) → merge_and_unload (W += ΔW in fp32;
                     FoRA: ΔW = s·D(I+E+CB)A via fusion_lora.ForaLinearVariant) → cast to --dtype
-                    → save_pretrained (sharded safetensors) + tokenizer into a temporary folder
+                    → save_pretrained (sharded safetensors) + the base's tokenizer files, byte for byte,
+                    into a temporary folder
                     → rename into place
 
 Nothing is written to --output_dir until the merged model is complete, and a failure leaves
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fora import modeling
+from fora import compat, modeling
 from fora.errors import UserError
 from fora.run import RUN_FILE, TOKENIZER_PATTERNS, RunRecord, load_tokenizer, merged_dtype
 
@@ -74,6 +75,7 @@ def check_output_dir(output_dir: str, overwrite: bool, *inputs: Path) -> Path:
 def load_fp32_base(base: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
+    compat.prepare_remote_code(base, trust_remote_code, "--base_model")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except OSError as error:
@@ -174,7 +176,8 @@ def save_tokenizer(base: str, destination: Path, trust_remote_code: bool) -> Non
         return
     for pattern in TOKENIZER_PATTERNS:
         for source in Path(base).glob(pattern):
-            shutil.copy2(source, destination / source.name)
+            if source.is_file():
+                shutil.copy2(source, destination / source.name)
 
 
 def replace_dir(staging: Path, output_dir: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fora import compat
 from fora.errors import UserError
 from fora.run import RUN_FILE, RunRecord, inference_dtype, load_tokenizer
 
@@ -115,6 +116,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    compat.prepare_remote_code(model_path, trust_remote_code, flag)
     if quantization_bit:
         kwargs["quantization_config"] = quantization_config(quantization_bit, dtype)
         # Each process holds its whole model on its own device (data parallel).

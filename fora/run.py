@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from fora import compat
 from fora.errors import UserError
 
 RUN_FILE = "fora_run.json"
@@ -29,8 +30,8 @@ DTYPE_NAMES: tuple[str, ...] = DtypeName.__args__
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Every file a tokenizer may be made of, remote-code tokenizers (tokenization_*.py, *.tiktoken) included.
 TOKENIZER_PATTERNS = (
-    *TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "*.tiktoken", "tokenization_*.py", "ice_text.model",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*",
+    "*.model", "*.tiktoken", "tokenization_*.py",
 )
 
 
@@ -177,11 +178,13 @@ def load_tokenizer(
     folder = Path(model_path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{flag} {model_path}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    compat.prepare_remote_code(model_path, trust_remote_code, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, padding_side=padding_side)
     except OSError as error:  # e.g. a path that does not exist, taken for a hub id, with no network
         problem = "cannot load its tokenizer" if folder.is_dir() else "no such folder, and not fetchable as a hub id"
         raise UserError(f"{flag} {model_path}: {problem} ({str(error).splitlines()[0]})") from None
+    compat.adapt_tokenizer(tokenizer)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked by attention_mask and labels, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

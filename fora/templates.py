@@ -11,8 +11,10 @@ Two kinds of template:
   whose tokenizers ship without one (Baichuan2, ChatGLM2/3, InternLM...).
 """
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 from fora.errors import UserError
@@ -198,6 +200,7 @@ NAMED_TEMPLATES = {
             system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
             stop="<|eot_id|>",
         ),
+        NamedTemplate("baichuan", user="<reserved_102>{content}<reserved_103>"),
         NamedTemplate("baichuan2", user="<reserved_106>{content}<reserved_107>"),
         NamedTemplate("chatglm2", user="[Round {index}]\n\n问：{content}\n\n答：", separator="\n\n"),
         NamedTemplate("chatglm3", user="<|user|>\n {content}<|assistant|>", system="<|system|>\n {content}"),
@@ -212,9 +215,44 @@ NAMED_TEMPLATES = {
 }
 
 
+def _chatglm_template(tokenizer, folder: Path) -> str | None:
+    if tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids("<|user|>")) == "<|user|>":
+        return "chatglm3"  # its role tokens are in the vocabulary
+    return "chatglm2" if hasattr(tokenizer, "build_prompt") else None  # ChatGLM-6B (v1) has its own format
+
+
+def _baichuan_template(tokenizer, folder: Path) -> str | None:
+    # The chat models name their user token in generation_config.json; the base models have none.
+    path = folder / "generation_config.json"
+    user_token_id = json.loads(path.read_text(encoding="utf-8")).get("user_token_id") if path.is_file() else None
+    user_token = tokenizer.convert_ids_to_tokens(user_token_id) if user_token_id is not None else None
+    return {"<reserved_106>": "baichuan2", "<reserved_102>": "baichuan"}.get(user_token)
+
+
+# `--template auto` for families whose format is known: config.json model_type → the chosen template name.
+FAMILY_TEMPLATES = {
+    "chatglm": _chatglm_template,
+    "baichuan": _baichuan_template,
+    "internlm2": lambda tokenizer, folder: "internlm2",
+}
+
+
+def family_template(tokenizer) -> str | None:
+    """The named template of the tokenizer's model family (read from its folder's config.json), if known."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    choose = FAMILY_TEMPLATES.get(json.loads(config.read_text(encoding="utf-8")).get("model_type"))
+    return choose(tokenizer, folder) if choose else None
+
+
 def get_template(tokenizer, name: str | None) -> NamedTemplate | ChatTemplate:
-    """`--template NAME` wins; otherwise the tokenizer's chat template; otherwise `default`."""
+    """`--template NAME` wins; otherwise the model family's format (FAMILY_TEMPLATES); otherwise the
+    tokenizer's chat template; otherwise `default`."""
     if name is None or name == "auto":
+        if family := family_template(tokenizer):
+            return NAMED_TEMPLATES[family]
         return ChatTemplate() if getattr(tokenizer, "chat_template", None) else NAMED_TEMPLATES["default"]
     if name == ChatTemplate.name:
         if not getattr(tokenizer, "chat_template", None):

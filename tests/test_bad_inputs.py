@@ -183,7 +183,7 @@ BAD_TRAINING_FLAGS = [
     (
         ["--template", "qwen3"],
         "--template 'qwen3' is unknown; choose one of: auto, chat_template, default, empty, alpaca, vicuna, "
-        "chatml, qwen, llama2, llama3, baichuan2, chatglm2, chatglm3, internlm2",
+        "chatml, qwen, llama2, llama3, baichuan, baichuan2, chatglm2, chatglm3, internlm2",
     ),
     (["--quantization_bit", "3"], "--quantization_bit must be 4 or 8, got 3"),
     (["--torch_dtype", "float8"], "--torch_dtype 'float8' is unknown; choose one of: auto, float32, bfloat16, float16"),

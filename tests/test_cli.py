@@ -328,6 +328,19 @@ def test_resuming_from_a_planted_checkpoint_stops_in_one_line(tiny_model, split_
     assert not marker.exists()
 
 
+def test_trust_checkpoint_skips_the_check(tiny_model, split_runs):
+    """--trust_checkpoint: the files are read as they are, so the planted pickle runs (its marker appears)."""
+    honest, folder = split_runs("accumulation")
+    out = folder / "trusted"
+    shutil.copytree(honest / "checkpoint-12", out / "checkpoint-12")
+    marker = folder / "payload-ran-trusted"
+    plant(out / "checkpoint-12" / "optimizer.pt", marker)
+    _, result = train_split(folder, tiny_model, "accumulation", "--resume_from_checkpoint", "auto", "--trust_checkpoint",
+                            output=out.name)
+    assert "is not only tensors and plain data" not in result.stderr
+    assert marker.exists()
+
+
 def test_an_honest_deepspeed_checkpoint_resumes_to_the_uninterrupted_run(tiny_model, split_runs):
     """Resumed at step 12 (mid-way through the second epoch) under deepspeed ZeRO-2: the same losses after it
     and the same adapter as the run that was never stopped."""

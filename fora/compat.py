@@ -1,0 +1,304 @@
+"""What the installed transformers needs from remote-code families written for transformers 4.x.
+
+Baichuan2 and ChatGLM2/3 ship their architecture as Python files in the model folder (`auto_map` in
+config.json / tokenizer_config.json). Those files rely on behaviour transformers 5 removed. Here the
+classes they define are adapted at load time, in memory, keyed on what a class does rather than on its
+name; the user's model folder and site-packages are never touched.
+
+    compat.prepare_remote_code(path, trust_remote_code)  # refuses code without the flag; adapts the
+    X.from_pretrained(path, ...)                          # folder's classes before they are instantiated
+    compat.adapt_tokenizer(tokenizer)                     # per instance, after loading
+
+Tokenizer classes
+- `get_vocab` reached from the base `__init__` before the subclass has built its vocabulary
+  (Baichuan2 calls `super().__init__` before loading `sp_model`): answered with the added tokens
+  only while `__init__` runs, and the special tokens are registered again against the real
+  vocabulary once it exists.
+- `_pad` without the `padding_side` parameter (ChatGLM2/3): wrapped to accept it.
+- role tokens encoded as text unless `encode_special_tokens` is on (ChatGLM3): switched on per
+  instance, so `<|user|>` is one id, as in the model's own `build_chat_input`.
+Config classes
+- `use_cache`, read by the modeling code, gone from transformers 5 configs: a class default (True, as in
+  4.x). A depth named `num_layers` (ChatGLM) needs no `num_hidden_layers`: nothing builds a Cache from it.
+Model classes
+- a generative class (its own `prepare_inputs_for_generation`) that does not inherit `GenerationMixin`,
+  which `PreTrainedModel` no longer brings: given it as a last base, so `generate` exists.
+- generation fields (`max_length`, ...) read from the config by `__init__` but gone from transformers 5
+  configs: present, with their 4.x defaults, while `__init__` runs only (transformers 5 refuses to save
+  or generate with a config holding them).
+- `__init__` that never calls `post_init()` (ChatGLM): called after it.
+- legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
+  for them and passes the model's tuples back under the old name; the removed
+  `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
+  which is kept from extending an absent mask and whose cache goes back where beam search reorders it.
+A model's positions are left to it: left padding shifts a row's rotary positions by a constant,
+which attention does not see.
+"""
+
+import functools
+import inspect
+import json
+from pathlib import Path
+
+from fora.errors import UserError
+
+ADAPTED = "_fora_adapted"  # marks a class already adapted (classes are shared by every load)
+
+# The generation fields every transformers 4.x config carried, with their 4.x defaults.
+LEGACY_GENERATION_DEFAULTS = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+}
+
+
+def auto_map(folder: str) -> dict:
+    """The `auto_map` entries of a local folder's config.json and tokenizer_config.json ({} for hub ids)."""
+    entries = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                entries.update(json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {})
+            except (json.JSONDecodeError, AttributeError):
+                pass  # a broken file is reported by transformers when it is read
+    return entries
+
+
+def needs_remote_code(folder: str) -> bool:
+    """True when transformers can load the folder only by running its own Python files."""
+    from transformers import CONFIG_MAPPING
+
+    config_file = Path(folder) / "config.json"
+    if not auto_map(folder):
+        return False
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type") if config_file.is_file() else None
+    except json.JSONDecodeError:
+        return False
+    return model_type not in CONFIG_MAPPING  # transformers loads known architectures natively, code or not
+
+
+def prepare_remote_code(folder: str, trust_remote_code: bool, flag: str = "--model_name_or_path") -> None:
+    """Before `from_pretrained(folder, ...)`: a folder that needs its own code is refused without
+    --trust_remote_code (one line naming the flag); with it, every class the folder's `auto_map`
+    names is adapted before transformers instantiates it (transformers reuses the loaded class
+    while the folder's files are unchanged)."""
+    entries = auto_map(folder)
+    if entries and not trust_remote_code and needs_remote_code(folder):
+        raise UserError(
+            f"{flag} {folder}: the model ships its own Python code (auto_map in config.json); "
+            "pass --trust_remote_code if you trust that folder"
+        )
+    if entries and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        for reference in entries.values():
+            for name in reference if isinstance(reference, list) else [reference]:
+                if name:
+                    adapt_class(get_class_from_dynamic_module(name, folder))
+
+
+def adapt_class(cls: type) -> type:
+    """Adapt a remote-code tokenizer, config or model class in place (once)."""
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    if cls.__dict__.get(ADAPTED):
+        return cls
+    if issubclass(cls, PreTrainedTokenizerBase):
+        _adapt_tokenizer_class(cls)
+    elif issubclass(cls, PretrainedConfig):
+        _adapt_config_class(cls)
+    elif issubclass(cls, PreTrainedModel):
+        _adapt_model_class(cls)
+    setattr(cls, ADAPTED, True)
+    return cls
+
+
+def adapt_tokenizer(tokenizer):
+    """Per-instance adaptations of a loaded tokenizer; returns it."""
+    # ChatGLM3: role tokens in a prompt are single ids only with this on (its own build_chat_input
+    # inserts them as ids); the templates write them as text.
+    if getattr(tokenizer, "encode_special_tokens", None) is False:
+        tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+# --- tokenizers ------------------------------------------------------------------------------------
+
+
+def _adapt_tokenizer_class(cls) -> None:
+    if "_pad" in cls.__dict__ and "padding_side" not in inspect.signature(cls._pad).parameters:
+        side = inspect.signature(cls.__init__).parameters.get("padding_side")
+        cls._pad = _pad_with_side(cls._pad, side.default if side and isinstance(side.default, str) else None)
+    if "get_vocab" in cls.__dict__:
+        cls.get_vocab = _vocab_during_init(cls.get_vocab)
+        cls.__init__ = _init_registering_special_tokens(cls.__init__)
+
+
+def _pad_with_side(pad, own_side: str | None):
+    """`pad` taking `padding_side`. `own_side` is the side the class pads by default (ChatGLM's `_pad`
+    asserts it, also when nothing is padded); unpadded encodings run under it, whatever side the
+    tokenizer was loaded with."""
+    from transformers.utils import PaddingStrategy
+
+    @functools.wraps(pad)
+    def _pad(self, encoded_inputs, *args, padding_side=None, **kwargs):
+        side = padding_side or self.padding_side
+        if own_side and kwargs.get("padding_strategy") in (None, PaddingStrategy.DO_NOT_PAD):
+            side = own_side
+        if side == self.padding_side:
+            return pad(self, encoded_inputs, *args, **kwargs)
+        saved, self.padding_side = self.padding_side, side
+        try:
+            return pad(self, encoded_inputs, *args, **kwargs)
+        finally:
+            self.padding_side = saved
+
+    return _pad
+
+
+def _vocab_during_init(get_vocab):
+    @functools.wraps(get_vocab)
+    def wrapped(self):
+        try:
+            return get_vocab(self)
+        except (AttributeError, TypeError):
+            if not self.__dict__.get("_fora_initializing"):
+                raise
+            # Asked by the base __init__ before the subclass built its vocabulary: nothing but the
+            # added tokens is known yet; the special tokens are registered again after __init__.
+            self.__dict__["_fora_vocab_deferred"] = True
+            return dict(self.__dict__.get("_added_tokens_encoder", {}))
+
+    return wrapped
+
+
+def _init_registering_special_tokens(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if self.__dict__.get("_fora_initializing"):  # a subclass's wrapped __init__ is already running
+            return init(self, *args, **kwargs)
+        self.__dict__["_fora_initializing"] = True
+        saved_added = dict(kwargs.get("added_tokens_decoder") or {})
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            del self.__dict__["_fora_initializing"]
+        if self.__dict__.pop("_fora_vocab_deferred", False):
+            # The base gave the special tokens ids past an empty vocabulary; give them their real ones.
+            self._added_tokens_decoder = dict(saved_added)
+            self._added_tokens_encoder = {token.content: index for index, token in saved_added.items()}
+            self._add_tokens(
+                [token for token in self.all_special_tokens if token not in self._added_tokens_encoder], special_tokens=True
+            )
+
+    return __init__
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+
+def _adapt_config_class(cls) -> None:
+    if not hasattr(cls, "use_cache"):
+        cls.use_cache = True  # read by the modeling code; transformers 5 configs no longer carry it
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def _adapt_model_class(cls) -> None:
+    from transformers import GenerationMixin
+
+    cls.__init__ = _init_with_post_init(cls.__init__)
+    if "prepare_inputs_for_generation" in vars(cls) and not issubclass(cls, GenerationMixin):
+        cls.__bases__ = (*cls.__bases__, GenerationMixin)  # PreTrainedModel brought `generate` until 4.50
+    if "past_key_values" in inspect.signature(cls.forward).parameters:
+        cls._supports_default_dynamic_cache = classmethod(lambda klass: False)
+        cls.prepare_inputs_for_generation = _prepare_legacy_inputs(cls.prepare_inputs_for_generation)
+        if not hasattr(cls, "_extract_past_from_model_output"):
+            cls._extract_past_from_model_output = _extract_past_from_model_output
+        if "_update_model_kwargs_for_generation" in vars(cls):
+            cls._update_model_kwargs_for_generation = _update_without_empty_inputs(cls._update_model_kwargs_for_generation)
+
+
+def _init_with_post_init(init):
+    from transformers import PretrainedConfig
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        config = args[0] if args and isinstance(args[0], PretrainedConfig) else kwargs.get("config")
+        # Generation fields exist on the config only while the model is built: the modeling code reads
+        # them there, and transformers 5 refuses to save or generate with a config that holds them.
+        missing = [name for name in LEGACY_GENERATION_DEFAULTS if config is not None and not hasattr(config, name)]
+        for name in missing:
+            setattr(config, name, LEGACY_GENERATION_DEFAULTS[name])
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            for name in missing:
+                delattr(config, name)
+        if missing and getattr(self, "generation_config", None) is not None:
+            from transformers import GenerationConfig
+
+            # Built by PreTrainedModel.__init__ while the fields were there; rebuilt from the config as it is.
+            self.generation_config = GenerationConfig.from_model_config(config)
+        if not hasattr(self, "all_tied_weights_keys"):  # the remote __init__ skipped post_init()
+            self.post_init()
+
+    return __init__
+
+
+def _prepare_legacy_inputs(prepare):
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        # transformers 5 hands the previous step's cache back as `cache`; the model reads `past_key_values`.
+        cache = kwargs.pop("cache", None)
+        if kwargs.get("past_key_values") is None and cache is not None:
+            kwargs["past_key_values"] = cache
+        kwargs.pop("next_sequence_length", None)
+        return prepare(self, input_ids, *args, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
+def _update_without_empty_inputs(update):
+    @functools.wraps(update)
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        # transformers 5 keeps `attention_mask: None` where it dropped an all-ones mask; ChatGLM's
+        # override extends whatever key is present.
+        model_kwargs = {key: value for key, value in model_kwargs.items() if value is not None or key != "attention_mask"}
+        model_kwargs = update(self, outputs, model_kwargs, *args, **kwargs)
+        # The override stores the cache under its old name; generate (beam reordering) looks under `cache` first.
+        if "past_key_values" in model_kwargs:
+            model_kwargs["cache"] = model_kwargs.pop("past_key_values")
+        return model_kwargs
+
+    return _update_model_kwargs_for_generation
+
+
+def _extract_past_from_model_output(self, outputs, standardize_cache_format: bool = False):
+    """The cache of a model output (removed from transformers, called by ChatGLM's generation override)."""
+    return outputs.get("cache", outputs.get("past_key_values"))

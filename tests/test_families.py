@@ -1,0 +1,296 @@
+"""Remote-code families written for transformers 4.x (Baichuan2, ChatGLM2, ChatGLM3) under the installed
+transformers: fixture folders reproducing their published API patterns (tests/fixtures), loaded with
+--trust_remote_code through fora.compat, trained, predicted, merged and prompted as users do."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sentencepiece import SentencePieceProcessor
+
+from conftest import REPO, run_script, write_jsonl
+from fora import data, generate, modeling
+from fora.errors import UserError
+from fora.templates import get_template
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import families  # noqa: E402  (tests/fixtures/families.py)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The linear layers of each family's blocks (its published LoRA targets); never the output layer.
+PROJECTIONS = {
+    "baichuan2": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
+    "chatglm2": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+    "chatglm3": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+}
+HEADS = {"baichuan2": "lm_head", "chatglm2": "output_layer", "chatglm3": "output_layer"}
+QUESTION, ANSWER = "泵的故障导致什么？", "主管道压力降低。"
+RECORDS = [
+    {"instruction": QUESTION, "output": ANSWER},
+    {"instruction": "Extract the triples from: the pump fails.", "output": "(pump, state, fails)"},
+    {"instruction": "你好", "output": "今天天气晴朗。"},
+    {"instruction": "Numbers like 12 and 345?", "output": "They appear in reports."},
+]
+
+
+@pytest.fixture(scope="session")
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: families.build_family(name, root / name) for name in families.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("family-data") / "train.jsonl", RECORDS)
+
+
+def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
+    """The first-turn prompt ids as each family's own code builds them, from its SentencePiece model.
+
+    ChatGLM2: tokenizer(build_prompt(query)) = [gMASK] sop + "[Round 1]\\n\\n问：{query}\\n\\n答：".
+    ChatGLM3: build_chat_input(query) = [gMASK] sop <|user|> + encode("\\n") + encode(query) + <|assistant|>.
+    Baichuan2: _build_chat_input = user_token_id + encode(query) + assistant_token_id (no BOS).
+    ChatGLM's special ids follow the pieces: [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|>.
+    """
+    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    n = sp.vocab_size()
+    if family == "chatglm2":
+        return [n + 1, n + 3] + sp.encode(f"[Round 1]\n\n问：{question}\n\n答：")
+    if family == "chatglm3":
+        return [n + 1, n + 3, n + 6] + sp.encode("\n") + sp.encode(question) + [n + 7]
+    generation = json.loads((folder / "generation_config.json").read_text())
+    return [generation["user_token_id"]] + sp.encode(question) + [generation["assistant_token_id"]]
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_folders):
+    folder = family_folders[family]
+    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
+    template = get_template(tokenizer, "auto")
+    assert template.name == family
+    [(prompt, response)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
+    assert prompt == documented_prompt(family, folder, QUESTION)
+    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert response == sp.encode(ANSWER) + [sp.eos_id()]
+    ids, labels, _ = data.encode([(prompt, response)], 512, 512)
+    assert ids == prompt + response and labels == [-100] * len(prompt) + response
+
+
+def greedy_without_cache(model, prompt: list[int], budget: int, stop: list[int]) -> list[int]:
+    """Argmax decoding by full forward passes: no cache, no padding, no generation config."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(budget):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token in stop:
+                break
+            ids.append(token)
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders):
+    """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's positions),
+    gives what full forward passes give; Baichuan2's generation_config.json (sampling, repetition_penalty
+    1.05) is not inherited."""
+    model, tokenizer, _ = modeling.load_inference_model(None, str(family_folders[family]), trust_remote_code=families.OWN_CODE)
+    template = get_template(tokenizer, "auto")
+    prompts = [template.encode(tokenizer, None, [(r["instruction"], None)])[0][0] for r in RECORDS]
+    assert len({len(p) for p in prompts}) > 1  # the batch is padded
+    stop = template.stop_token_ids(tokenizer)
+    expected = [greedy_without_cache(model, p, 12, stop) for p in prompts]
+    config = generate.generation_config(tokenizer, stop)
+    assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 4, config, progress=False) == expected
+    assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 1, config, progress=False) == expected
+    beams = generate.generation_config(tokenizer, stop, num_beams=2)  # the cache reordered per beam
+    beam_rows = generate.generate_ids(model, tokenizer, prompts, stop, 6, 4, beams, progress=False)
+    assert beam_rows == generate.generate_ids(model, tokenizer, prompts, stop, 6, 1, beams, progress=False)
+    if family == "baichuan2":
+        penalised = generate.generation_config(tokenizer, stop)
+        penalised.repetition_penalty = 1.05  # the model's own: it would have shown in the outputs above
+        assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 4, penalised, progress=False) != expected
+        own = generate.generation_config(tokenizer, stop, model=model)  # --use_model_generation_config
+        assert own.repetition_penalty == 1.05 and own.do_sample and own.top_k == 5
+        assert config.repetition_penalty == 1.0 and not config.do_sample
+
+
+def train(folder, train_file, out, finetuning_type):
+    """train_lora.py / train_qlora.py's main in this process (train_qlora differs only in its 4-bit default)."""
+    import train_lora
+
+    train_lora.main([
+        "--train_file", str(train_file), "--model_name_or_path", str(folder), "--trust_remote_code",
+        "--template", "auto", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--learning_rate", "2e-2", "--lora_rank", "4", "--lora_dropout", "0", "--logging_steps", "1",
+        "--finetuning_type", "fora" if finetuning_type == "fora" else "lora", "--save_strategy", "no",
+        "--report_to", "none",
+    ], default_quantization_bit=4 if finetuning_type == "qlora" else None)
+
+
+@torch.no_grad()
+def logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "fora", "qlora"])
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_train_predict_merge(family, finetuning_type, family_folders, train_file, tmp_path, capsys):
+    import merge_lora
+    import predict_fora
+
+    folder = family_folders[family]
+    adapter = tmp_path / "adapter"
+    train(folder, train_file, adapter, finetuning_type)
+    assert f"Prompt template: {family}" in capsys.readouterr().out
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == PROJECTIONS[family]
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+        assert not any(HEADS[family] in name for name in names)
+        assert any(weights.get_tensor(name).abs().max() > 0 for name in names if "lora_B" in name)
+
+    results = predict_fora.main([
+        "--model_dir", str(adapter), "--test_path", str(train_file), "--output_dir", str(tmp_path / "predict"),
+        "--trust_remote_code", "--max_new_tokens", "4", "--batch_size", "4",
+    ])
+    assert results["template"] == family and results["total"] == len(RECORDS)
+    assert results["quantization_bit"] == (4 if finetuning_type == "qlora" else None)
+    # The prompt predicted from the adapter folder is the one training saw (no BOS re-added for Baichuan2).
+    first = json.loads((tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()[0])
+    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
+    assert first["prompt"] == tokenizer.decode(documented_prompt(family, folder, QUESTION), skip_special_tokens=False)
+
+    merged = tmp_path / "merged"
+    merge_lora.main(["--adapter", str(adapter), "--output_dir", str(merged), "--trust_remote_code"])
+    for name in ("tokenizer.model", "tokenizer_config.json", next(folder.glob("tokenization_*.py")).name):
+        assert (merged / name).read_bytes() == (folder / name).read_bytes()
+    ids = documented_prompt(family, folder, QUESTION)
+    bits = 4 if finetuning_type == "qlora" else None
+    base = modeling.load_model(str(folder), torch.float32, True, bits)
+    # A 4-bit base runs in train mode (nothing drops out), as test_merge.py explains.
+    unmerged = logits(modeling.load_adapter(base, str(adapter)).train(bits is not None), ids)
+    merged_logits = logits(modeling.load_model(str(merged), torch.float32, True).eval(), ids)
+    plain = logits(modeling.load_model(str(folder), torch.float32, True).eval(), ids)
+    error = ((merged_logits - unmerged).abs().max() / unmerged.abs().max()).item()
+    assert error < (2e-3 if bits else 1e-5), error
+    assert (merged_logits - plain).abs().max() > 100 * (merged_logits - unmerged).abs().max()  # the adapter shows
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(UserError) as error:
+        call()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_missing_trust_remote_code_exits_2_with_one_line(family_folders, train_file, tmp_path):
+    folder = family_folders["chatglm3"]
+    result = run_script(
+        sys.executable, str(REPO / "train_lora.py"), "--train_file", str(train_file), "--model_name_or_path",
+        str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: --model_name_or_path {folder}: the model ships its own Python code (auto_map in config.json); "
+        "pass --trust_remote_code if you trust that folder"
+    ]
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_missing_trust_remote_code_in_every_entry_point(family, family_folders, train_file, tmp_path):
+    import merge_lora
+    import predict_fora
+    import train_lora
+    from config import FinetuningArguments
+
+    folder = family_folders[family]
+    message = one_line_error(lambda: train_lora.main([
+        "--train_file", str(train_file), "--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "a"),
+    ]))
+    assert message.startswith(f"--model_name_or_path {folder}: ") and "--trust_remote_code" in message
+    message = one_line_error(lambda: predict_fora.main([
+        "--ori_model_dir", str(folder), "--test_path", str(train_file), "--output_dir", str(tmp_path / "p"),
+    ]))
+    assert message.startswith(f"--ori_model_dir {folder}: ") and "--trust_remote_code" in message
+    # An adapter whose record does not say remote code: merge meets the base folder's own code.
+    adapter = tmp_path / "adapter"
+    model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
+    model.save_pretrained(adapter)
+    modeling.write_run_info(str(adapter), {"base_model": str(folder), "finetuning_type": "lora"})
+    message = one_line_error(lambda: merge_lora.main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "m")]))
+    assert message.startswith(f"--base_model {folder}: ") and "--trust_remote_code" in message
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders, tmp_path):
+    """These families' forward takes no `logits_to_keep`: the Trainer's loss is the cross-entropy of the full logits."""
+    from config import FinetuningArguments, TrainArguments
+    from fora.training import PaddingCollator, SupervisedTrainer
+
+    folder = family_folders[family]
+    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
+    template = get_template(tokenizer, "auto")
+    model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
+    trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none"))
+    assert not trainer.head_on_selected
+    features = [data.tokenize_conversation({"system": None, "turns": [(r["instruction"], r["output"])]}, tokenizer, template, 64, 64)
+                for r in RECORDS[:2]]
+    batch = PaddingCollator(tokenizer.pad_token_id)(features)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+
+
+class StubTokenizer:
+    """What family_template reads from a tokenizer: its folder and its id → token mapping."""
+
+    def __init__(self, folder: Path, tokens: dict[int, str]):
+        self.name_or_path, self.tokens = str(folder), tokens
+
+    def convert_ids_to_tokens(self, index):
+        return self.tokens.get(index)
+
+    def convert_tokens_to_ids(self, token):
+        return next((i for i, t in self.tokens.items() if t == token), 0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "generation", "tokens", "expected"),
+    [
+        ("baichuan", {"user_token_id": 195}, {195: "<reserved_102>"}, "baichuan"),  # Baichuan-13B-Chat
+        ("baichuan", {"user_token_id": 195}, {195: "<reserved_106>"}, "baichuan2"),
+        ("baichuan", None, {195: "<reserved_102>"}, None),  # Baichuan-7B: a base model, no chat format
+        ("internlm2", None, {}, "internlm2"),
+        ("llama", None, {}, None),  # Llama 2 or 3, chat or base: the tokenizer's chat template decides
+    ],
+)
+def test_family_template_from_config_and_tokenizer(model_type, generation, tokens, expected, tmp_path):
+    from fora.templates import family_template
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    if generation:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    assert family_template(StubTokenizer(tmp_path, tokens)) == expected
+
+
+def test_model_scripts_name_existing_configs_and_templates():
+    """Every scripts/models/*.sh names a configs/ file that exists and a template fora knows."""
+    import re
+
+    from fora.templates import NAMED_TEMPLATES
+
+    scripts = sorted((REPO / "scripts" / "models").glob("*.sh"))
+    assert len(scripts) >= 13
+    for script in scripts:
+        settings = dict(re.findall(r"(\w+)=(\S*)", script.read_text().splitlines()[3]))
+        assert settings["NAME"] == script.stem
+        assert (REPO / "configs" / settings["LORA_CONFIG"]).is_file(), script
+        assert settings["TEMPLATE"] in {"auto", *NAMED_TEMPLATES}, script
+        assert json.loads((REPO / "configs" / settings["LORA_CONFIG"]).read_text())["lora_target_modules"]
