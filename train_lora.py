@@ -12,7 +12,7 @@ from pathlib import Path
 
 from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
 from fora.errors import UserError, exit_on_user_error
-from fora.run import TOKENIZER_PATTERNS, RunRecord, load_tokenizer, training_dtype
+from fora.run import TOKENIZER_PATTERNS, RunRecord, load_tokenizer, save_base_tokenizer, training_dtype
 
 PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.json", "config.json", "checkpoint-*")
 # What a training run writes into its output folder; --overwrite_output_dir removes these before training.
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
 
     # 5. Save the adapter (or model), what training decided, and the results.
     trainer.save_model(str(output_dir))
+    if is_main:  # the base's tokenizer files as they are: re-saved, some encode differently (see run.py)
+        save_base_tokenizer(model_path, output_dir, model_args.trust_remote_code)
     real_tokens, batch_tokens = trainer.trained_tokens()
     if is_main:
         record.save(output_dir)

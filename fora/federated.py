@@ -53,7 +53,7 @@ from config import (
 )
 from fora import data, generate, metrics, modeling
 from fora.errors import UserError
-from fora.run import RunRecord, load_tokenizer, training_dtype
+from fora.run import RunRecord, load_tokenizer, save_base_tokenizer, training_dtype
 from fora.templates import get_template
 from fora.training import STAGING_PREFIX, PaddingCollator, SupervisedTrainer, write_json
 
@@ -444,7 +444,7 @@ class GlobalAdapter:
         staging = folder / f"{STAGING_PREFIX}adapter"
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed midway
         self.model.save_pretrained(str(staging))
-        self.tokenizer.save_pretrained(str(staging))
+        save_base_tokenizer(self.model_path, staging, self.run.model.trust_remote_code)
         self.run_record(server_round).save(staging)
         for path in staging.iterdir():
             os.replace(path, folder / path.name)

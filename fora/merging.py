@@ -23,7 +23,7 @@ from torch import nn
 
 from fora import compat, modeling
 from fora.errors import UserError
-from fora.run import RUN_FILE, TOKENIZER_PATTERNS, RunRecord, load_tokenizer, merged_dtype
+from fora.run import RUN_FILE, RunRecord, merged_dtype, save_base_tokenizer
 
 MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
 MERGE_FILE = "fora_merge.json"  # where the merged model came from
@@ -148,7 +148,7 @@ def merge(args, log=print) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         merged.save_pretrained(staging, max_shard_size=args.max_shard_size)
-        save_tokenizer(base, staging, trust_remote_code)
+        save_base_tokenizer(base, staging, trust_remote_code)
         provenance = {
             "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
             "adapter": str(adapter.resolve()),
@@ -165,19 +165,6 @@ def merge(args, log=print) -> Path:
     shards = sorted(p.name for p in output_dir.glob("*.safetensors"))
     log(f"Merged model saved to {output_dir} ({len(shards)} safetensors shard{'s' if len(shards) != 1 else ''})")
     return output_dir
-
-
-def save_tokenizer(base: str, destination: Path, trust_remote_code: bool) -> None:
-    """The base's tokenizer files, byte for byte: re-saving a tokenizer can change it (transformers 5 drops
-    settings such as Baichuan2's add_bos_token: false), and the merged model must encode as training did.
-    A hub id's tokenizer (no local files to copy) is saved by transformers."""
-    if not Path(base).is_dir():
-        load_tokenizer(base, trust_remote_code, flag="--base_model").save_pretrained(destination)
-        return
-    for pattern in TOKENIZER_PATTERNS:
-        for source in Path(base).glob(pattern):
-            if source.is_file():
-                shutil.copy2(source, destination / source.name)
 
 
 def replace_dir(staging: Path, output_dir: Path) -> None:

@@ -14,6 +14,7 @@ The rules that decide from it live here too:
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -189,3 +190,17 @@ def load_tokenizer(
         # Padding positions are masked by attention_mask and labels, so any token serves.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def save_base_tokenizer(base: str, destination: Path, trust_remote_code: bool) -> None:
+    """The base's tokenizer files into `destination`, byte for byte: re-saving a tokenizer can change it
+    (transformers 5 drops settings such as Baichuan2's add_bos_token: false), and an adapter or merged
+    folder must encode as training did, also for someone loading it with plain transformers.
+    A hub id's tokenizer (no local files to copy) is saved by transformers."""
+    if not Path(base).is_dir():
+        load_tokenizer(base, trust_remote_code, flag="--base_model").save_pretrained(destination)
+        return
+    for pattern in TOKENIZER_PATTERNS:
+        for source in Path(base).glob(pattern):
+            if source.is_file():
+                shutil.copy2(source, Path(destination) / source.name)
