@@ -12,14 +12,13 @@ from pathlib import Path
 
 from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
 from fora.errors import UserError, exit_on_user_error
-from fora.run import TOKENIZER_PATTERNS, RunRecord, load_tokenizer, save_base_tokenizer, training_dtype
+from fora.run import RunRecord, load_tokenizer, save_base_tokenizer, training_dtype
 
 PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.json", "config.json", "checkpoint-*")
-# What a training run writes into its output folder; --overwrite_output_dir removes these before training.
-RUN_OUTPUTS = (
-    *PREVIOUS_RUN_MARKERS, ".tmp-*", "adapter_model.*", "trainer_state.json", "training_args.bin", "training_loss.png",
-    "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*", *TOKENIZER_PATTERNS,
-)
+# What --overwrite_output_dir removes before training: the previous run's checkpoints (which resume auto or
+# --save_total_limit would otherwise pick) and what a killed save left. Its final adapter stays until the new
+# one replaces it whole, so a run that fails before then loses nothing.
+PREVIOUS_CHECKPOINTS = ("checkpoint-*", ".tmp-*")
 
 
 def main(argv: list[str] | None = None, default_quantization_bit: int | None = None) -> None:
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         with training_args.main_process_first(desc="clearing the previous run", local=False):
             if is_main:
                 removed = clear_previous_run(output_dir, Path(training_args.logging_dir))
-                log(f"--overwrite_output_dir: removed the previous run's {removed} checkpoints and files from {output_dir}")
+                log(f"--overwrite_output_dir: removed {removed} checkpoints and logs of the previous run from {output_dir}")
     record = RunRecord.of_training(model_path, model_args, data_args, finetuning_args, template.name)
     training_args.remove_unused_columns = False  # the collator picks its columns; `length` feeds length grouping
     # SupervisedTrainer stops at the first NaN/inf loss; the filter would only average such losses away,
@@ -146,9 +145,8 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
 
 
 def clear_previous_run(output_dir: Path, logging_dir: Path) -> int:
-    """Remove what an earlier training run left in `output_dir` (checkpoints included, so neither
-    --resume_from_checkpoint auto nor --save_total_limit picks one of them); returns how many."""
-    stale = {path for pattern in RUN_OUTPUTS for path in output_dir.glob(pattern)}
+    """Remove an earlier run's checkpoints (and TensorBoard logs) from `output_dir`; returns how many."""
+    stale = {path for pattern in PREVIOUS_CHECKPOINTS for path in output_dir.glob(pattern)}
     if logging_dir.is_dir() and output_dir.resolve() in logging_dir.resolve().parents:
         stale.add(logging_dir)  # its TensorBoard logs would mix the two runs' curves
     for path in stale:

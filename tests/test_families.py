@@ -13,7 +13,8 @@ from sentencepiece import SentencePieceProcessor
 from conftest import REPO, run_script, write_jsonl
 from fora import data, generate, modeling
 from fora.errors import UserError
-from fora.templates import get_template
+from fora.run import RunRecord, load_tokenizer
+from fora.templates import Segment, get_template
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import families  # noqa: E402  (tests/fixtures/families.py)
@@ -68,14 +69,14 @@ def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_folders):
     folder = family_folders[family]
-    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     assert template.name == family
-    [(prompt, response)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
+    [(prompt, response, _)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
     assert prompt == documented_prompt(family, folder, QUESTION)
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     assert response == sp.encode(ANSWER) + [sp.eos_id()]
-    ids, labels, _ = data.encode([(prompt, response)], 512, 512)
+    ids, labels, _ = data.encode([Segment(prompt, response)], 512, 512)
     assert ids == prompt + response and labels == [-100] * len(prompt) + response
 
 
@@ -162,7 +163,7 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
     assert results["quantization_bit"] == (4 if finetuning_type == "qlora" else None)
     # The prompt predicted from the adapter folder is the one training saw (no BOS re-added for Baichuan2).
     first = json.loads((tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()[0])
-    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     assert first["prompt"] == tokenizer.decode(documented_prompt(family, folder, QUESTION), skip_special_tokens=False)
 
     merged = tmp_path / "merged"
@@ -221,7 +222,7 @@ def test_missing_trust_remote_code_in_every_entry_point(family, family_folders, 
     adapter = tmp_path / "adapter"
     model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
     model.save_pretrained(adapter)
-    modeling.write_run_info(str(adapter), {"base_model": str(folder), "finetuning_type": "lora"})
+    RunRecord(base_model=str(folder), finetuning_type="lora", torch_dtype="float32").save(adapter)
     message = one_line_error(lambda: merge_lora.main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "m")]))
     assert message.startswith(f"--base_model {folder}: ") and "--trust_remote_code" in message
 
@@ -233,7 +234,7 @@ def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders,
     from fora.training import PaddingCollator, SupervisedTrainer
 
     folder = family_folders[family]
-    tokenizer = modeling.load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
     trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none"))

@@ -90,12 +90,15 @@ def test_overwrite_output_dir_removes_the_previous_runs_checkpoints(tmp_path, ti
     _, typo = train(tmp_path, tiny_model, "run", "--max_steps", "1", "--overwrite_output_dir", "--train_file", "nope.json")
     assert typo.returncode == 2 and len(list(out.glob("checkpoint-*"))) == 3
 
+    removable = 3 + (out / "runs").is_dir()  # the checkpoints and the TensorBoard folder, if any
+    adapter = (out / "adapter_model.safetensors").read_bytes()
     _, second = train(tmp_path, tiny_model, "run", "--max_steps", "1", "--save_steps", "1", "--overwrite_output_dir",
                       "--save_total_limit", "2")
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["max_steps"] == 1
-    assert "removed the previous run's" in second.stdout
+    assert f"removed {removable} checkpoints and logs of the previous run" in second.stdout
+    assert (out / "adapter_model.safetensors").read_bytes() != adapter  # replaced by the new run's, whole
 
 
 # --- prediction scores the model that was trained -----------------------------------------------------
