@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_dir, args.ori_model_dir, args.torch_dtype, args.trust_remote_code, args.quantization_bit
     )
     template = get_template(tokenizer, args.template or info.get("template"))
-    print(describe_model(args.model_dir, info, template.name))
+    print(f"Scoring {modeling.describe_loaded(args.model_dir, info)}; prompt template: {template.name}")
 
     # 4. Prompts, cut as in training, and each record's token budget.
     max_src_len = args.max_src_len or info.get("max_source_length") or 512
@@ -179,18 +179,6 @@ def warn_short_budgets(budgets: list[int], args: PredictArguments, max_tgt_len: 
             f"fewer than {wanted} new tokens (the fewest: {min(short)}); raise --max_len or lower --max_src_len",
             file=sys.stderr,
         )
-
-
-def describe_model(model_dir: str | None, info: dict, template_name: str) -> str:
-    bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
-    if info["model_kind"] == "adapter":
-        merged = "merged into the base" if info["merged"] else "kept separate from the base, as in training"
-        what = f"{info.get('finetuning_type') or 'LoRA'} adapter {model_dir} ({merged}) on {info['base_model']}{bits}"
-    elif info["model_kind"] == "model":
-        what = f"model {model_dir}{bits}"
-    else:
-        what = f"base model {info['base_model']}{bits}"
-    return f"Scoring {what} ({info['torch_dtype']}); prompt template: {template_name}"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -82,7 +81,7 @@ class ChatModel:
         text_config = self.model.config.get_text_config(decoder=True)
         self.context_length = getattr(text_config, "max_position_embeddings", None)
         self.has_adapter = info["model_kind"] == "adapter"
-        self.description = describe(args.model_dir, info, self.template.name)
+        self.description = f"{modeling.describe_loaded(args.model_dir, info)}, template {self.template.name}"
         # One model serves every browser tab: a reply holds it, so the base side's switched-off adapter
         # is never seen by another conversation's fine-tuned reply.
         self.lock = threading.Lock()
@@ -183,15 +182,3 @@ class _WhenSet(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def describe(model_dir: str | None, info: dict, template_name: str) -> str:
-    bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
-    if info["model_kind"] == "adapter":
-        kind = {"lora": "LoRA", "fora": "FoRA"}.get(info.get("finetuning_type"), "LoRA")
-        what = f"{kind} adapter {model_dir} on {Path(info['base_model']).name}"
-    elif info["model_kind"] == "model":
-        what = f"model {model_dir}"
-    else:
-        what = f"base model {Path(info['base_model']).name}"
-    return f"{what}{bits} ({info['torch_dtype']}, template {template_name})"

@@ -447,3 +447,17 @@ def load_inference_model(
         "merged": merged,
     }
     return model, tokenizer, info
+
+
+def describe_loaded(model_dir: str | None, info: dict) -> str:
+    """What `load_inference_model` loaded, in words, from the info it returned."""
+    bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
+    if info["model_kind"] == "adapter":
+        kind = {"lora": "LoRA", "fora": "FoRA"}.get(info.get("finetuning_type"), "LoRA")
+        merged = "merged into the base" if info["merged"] else "kept separate from the base, as in training"
+        what = f"{kind} adapter {model_dir} ({merged}) on {info['base_model']}{bits}"
+    elif info["model_kind"] == "model":
+        what = f"model {model_dir}{bits}"
+    else:
+        what = f"base model {info['base_model']}{bits}"
+    return f"{what} ({info['torch_dtype']})"
