@@ -239,8 +239,11 @@ def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders,
     model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
     trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none"))
     assert not trainer.head_on_selected
-    features = [data.tokenize_conversation({"system": None, "turns": [(r["instruction"], r["output"])]}, tokenizer, template, 64, 64)
-                for r in RECORDS[:2]]
+    features = [
+        data.tokenize_conversation({"where": "record", "system": None, "turns": [(r["instruction"], r["output"])]},
+                                   tokenizer, template, 64, 64)
+        for r in RECORDS[:2]
+    ]
     batch = PaddingCollator(tokenizer.pad_token_id)(features)
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
