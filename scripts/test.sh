@@ -5,4 +5,4 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$REPO/scripts/setup.sh"
 cd "$REPO"
-python -m pytest tests -q "$@"
+python -m pytest tests -q -rs "$@"   # -rs: the reason of every skipped test in the summary
