@@ -148,6 +148,13 @@ def client_data_files(run: FederatedRun) -> list[str]:
     return files
 
 
+def simulated_client_file(run: FederatedRun, client: int) -> str:
+    """A simulated client's data: its --client_files entry, else the share `client_data_files` wrote for it."""
+    if run.federated.partition == "files":
+        return run.federated.client_file_list()[client]
+    return str(run.output_dir / PARTITION_DIR / f"client-{client}.jsonl")
+
+
 def split_iid(num_records: int, num_clients: int, seed: int) -> list[list[int]]:
     """Record indices shuffled with `seed` and dealt into `num_clients` shares whose sizes differ by at most one."""
     order = list(range(num_records))
@@ -318,7 +325,7 @@ def make_client_app(argv: list[str] | None = None):
         client = int(node.get(NODE_PARTITION, 0))
         try:
             run = parse(flags)
-            data_file = node.get(NODE_DATA_FILE) or str(run.output_dir / PARTITION_DIR / f"client-{client}.jsonl")
+            data_file = node.get(NODE_DATA_FILE) or simulated_client_file(run, client)
             site = site_for(run, flags, node.get(NODE_MODEL_PATH))
             config = msg.content[CONFIG]
             state, num_examples, loss = site.train(

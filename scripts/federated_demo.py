@@ -128,13 +128,6 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
         "--num_rounds", str(options.rounds), "--local_steps", str(options.local_steps),
         "--validation_file", options.validation_file, "--output_dir", str(out / "federated"), *common,
     ]
-    # Workaround: in simulation, fora/federated.py's ClientApp reads OUTPUT_DIR/partitions/client-N.jsonl and
-    # not --client_files (every client then fails and the run keeps the untrained adapter); so the clients'
-    # files are put there too. Remove once the ClientApp reads --client_files.
-    partitions = out / "federated" / "partitions"
-    partitions.mkdir(parents=True, exist_ok=True)
-    for client, path in enumerate(client_files):
-        (partitions / f"client-{client}.jsonl").write_bytes(path.read_bytes())
     seconds = {"federated": run([sys.executable, "train_federated.py", *federated_argv], out / "federated.log", env)}
     single = ["--save_strategy", "no", *common]
     seconds["centralised"] = run(

@@ -169,6 +169,17 @@ def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradien
 # --- Partitioning --------------------------------------------------------------------------------
 
 
+def test_a_simulated_client_reads_its_own_client_file(tmp_path):
+    """--partition files: client N trains on the N-th --client_files entry (not on a share of --train_file)."""
+    from fora.federated import parse, simulated_client_file
+
+    common = ["--output_dir", str(tmp_path / "out"), "--num_clients", "2"]
+    run = parse([*common, "--partition", "files", "--client_files", "a.json,b.json"])
+    assert [simulated_client_file(run, client) for client in (0, 1)] == ["a.json", "b.json"]
+    run = parse([*common, "--train_file", "data/train.json"])
+    assert simulated_client_file(run, 1) == str(tmp_path / "out" / "partitions" / "client-1.jsonl")
+
+
 def test_partitions_are_seeded_disjoint_and_by_field_keep_each_value_on_one_client():
     from fora.data import Record
     from fora.federated import split_by_field, split_iid
