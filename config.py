@@ -708,6 +708,18 @@ class FederatedArguments:
             "keeps clients with different data from drifting apart. 0 = plain FedAvg."
         },
     )
+    server_learning_rate: float = field(
+        default=1.0,
+        metadata={
+            "help": "FedAvgM's server step: the global adapter moves by this times the clients' example-weighted mean "
+            "change. 1 = FedAvg (the new global adapter is the mean). The mean of N clients' changes is about one "
+            "client's worth of steps, so a value near N moves the adapter per round about as far as the clients' "
+            "steps taken one after another would."
+        },
+    )
+    server_momentum: float = field(
+        default=0.0, metadata={"help": "FedAvgM's server momentum: the fraction of the previous round's move added to this one. 0 = none."}
+    )
     round_timeout: float = field(
         default=3600.0, metadata={"help": "Seconds the server waits for client updates in a round; late clients are dropped from it."}
     )
@@ -760,6 +772,10 @@ class FederatedArguments:
             raise UserError(f"--min_fit_clients must be between 1 and --num_clients {self.num_clients}, got {self.min_fit_clients}")
         if self.proximal_mu < 0:
             raise UserError(f"--proximal_mu must not be negative, got {self.proximal_mu}")
+        if self.server_learning_rate <= 0:
+            raise UserError(f"--server_learning_rate must be positive, got {self.server_learning_rate}")
+        if not 0 <= self.server_momentum < 1:
+            raise UserError(f"--server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.round_timeout <= 0:
             raise UserError(f"--round_timeout must be positive, got {self.round_timeout}")
         if (self.dp_noise_multiplier is None) != (self.dp_clipping_norm is None):

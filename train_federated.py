@@ -16,7 +16,7 @@ traffic per round. Deployment across sites (a SuperLink and a SuperNode per site
 import os
 import sys
 
-from fora.errors import exit_on_user_error
+from fora.errors import UserError, exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     files = federated.client_data_files(run)
     print(f"Federated run: {run.federated.num_clients} clients ({run.federated.partition}), "
           f"{run.federated.num_rounds} rounds; client data: {', '.join(files)}")
-    federated.simulate(run, argv)
-    if not (run.output_dir / "adapter_config.json").is_file():
-        raise RuntimeError(f"the federated run ended without a global adapter in {run.output_dir} (see the log above)")
+    try:
+        federated.simulate(run, argv)
+    except federated.FederationFailed as error:  # Flower re-raises the ServerApp's exception here
+        raise UserError(f"{error} (see the log above)") from error
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Context,
     Message,
     MetricRecord,
@@ -38,7 +37,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvgM
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import set_seed
@@ -356,14 +355,17 @@ class ClientFailed(RuntimeError):
 # --- Server side -----------------------------------------------------------------------------------
 
 
-class AdapterAveraging(FedAvg):
+class AdapterAveraging(FedAvgM):
     """FedAvg over adapter tensors, weighted by each client's number of examples (Flower's aggregation),
-    which also sends FedProx's mu to the clients, names every client that failed or did not answer in
-    time, skips a round with fewer than `min_fit_clients` updates (the global adapter stays), and
-    records each client's traffic per round into `rounds`."""
+    with FedAvgM's server step (the global adapter moves by server_learning_rate times the mean change,
+    plus server_momentum times the previous move; 1 and 0 are plain FedAvg). It also sends FedProx's mu
+    to the clients, names every client that failed or did not answer in time, skips a round with fewer
+    than `min_fit_clients` updates (the global adapter stays), and records each client's traffic per
+    round into `rounds`."""
 
-    def __init__(self, min_fit_clients: int, proximal_mu: float):
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=min_fit_clients, min_available_nodes=min_fit_clients)
+    def __init__(self, min_fit_clients: int, proximal_mu: float, server_learning_rate: float = 1.0, server_momentum: float = 0.0):
+        super().__init__(fraction_evaluate=0.0, min_train_nodes=min_fit_clients, min_available_nodes=min_fit_clients,
+                         server_learning_rate=server_learning_rate, server_momentum=server_momentum)
         self.min_fit_clients = min_fit_clients
         self.proximal_mu = proximal_mu
         self.rounds: dict[int, dict] = {}  # round → {"clients": [...], "dropped": [...]}
@@ -372,6 +374,7 @@ class AdapterAveraging(FedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):
         config["proximal-mu"] = self.proximal_mu
+        self.current_arrays = arrays  # the server step starts from the adapter sent, after any DP noise
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent[server_round] = ([m.metadata.dst_node_id for m in messages], arrays.count_bytes())
         return messages
@@ -409,6 +412,15 @@ class AdapterAveraging(FedAvg):
             self.rounds[server_round]["skipped"] = True
             return None, None
         return super().aggregate_train(server_round, updates)
+
+    def no_update_reason(self) -> str | None:
+        """Why no round changed the global adapter (each had fewer than min_fit_clients updates), or None."""
+        if any(not entry.get("skipped") for entry in self.rounds.values()):
+            return None
+        dropped = [f"round {r}: {line}" for r, entry in sorted(self.rounds.items()) for line in entry["dropped"]]
+        return (f"no round produced an update (each of {len(self.rounds)} round(s) had fewer than --min_fit_clients "
+                f"{self.min_fit_clients} client updates{'; first failure: ' + dropped[0] if dropped else ''}); "
+                "no global adapter was saved")
 
     def _name(self, node_id: int, reason: str = "") -> str:
         found = re.search(r"client (\d+): ", reason)
@@ -467,6 +479,8 @@ class GlobalAdapter:
             "local_steps": fed.local_steps,
             "local_epochs": fed.local_epochs,
             "proximal_mu": fed.proximal_mu,
+            "server_learning_rate": fed.server_learning_rate,
+            "server_momentum": fed.server_momentum,
             "dp_noise_multiplier": fed.dp_noise_multiplier,
             "dp_clipping_norm": fed.dp_clipping_norm,
         }
@@ -544,7 +558,7 @@ def serve(grid, argv: list[str]) -> None:
     run.output_dir.mkdir(parents=True, exist_ok=True)
     server = GlobalAdapter(run)
     history = History(run.output_dir, server.base_bytes)
-    averaging = AdapterAveraging(fed.min_fit_clients, fed.proximal_mu)
+    averaging = AdapterAveraging(fed.min_fit_clients, fed.proximal_mu, fed.server_learning_rate, fed.server_momentum)
     strategy = averaging
     if fed.dp_noise_multiplier is not None:
         strategy = DifferentialPrivacyClientSideFixedClipping(
@@ -574,13 +588,18 @@ def serve(grid, argv: list[str]) -> None:
         initial_arrays=ArrayRecord(initial),
         num_rounds=fed.num_rounds,
         timeout=fed.round_timeout,
-        train_config=ConfigRecord({"proximal-mu": fed.proximal_mu}),
         evaluate_fn=end_of_round,
     )
-    final = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
-    server.save(run.output_dir, final, fed.num_rounds)
+    failure = averaging.no_update_reason()
+    if failure:  # the initial adapter must not pass for a trained one
+        raise FederationFailed(failure)
+    server.save(run.output_dir, result.arrays.to_torch_state_dict(), fed.num_rounds)
     logger.info("Global adapter saved to %s (one per round in %s/round-N); history: %s",
                 run.output_dir, run.output_dir, run.output_dir / HISTORY_FILE)
+
+
+class FederationFailed(RuntimeError):
+    """No round changed the global adapter: every round had fewer than --min_fit_clients client updates."""
 
 
 def make_server_app(argv: list[str] | None = None):

@@ -86,6 +86,43 @@ def test_aggregation_is_the_example_weighted_mean_tensor_by_tensor():
     assert [c["num_examples"] for c in strategy.rounds[1]["clients"]] == counts
 
 
+class TwoNodes:  # the part of a Grid that configure_train uses
+    def get_node_ids(self):
+        return [10, 11]
+
+
+@pytest.fixture
+def stamped_messages(monkeypatch):
+    """Messages built outside a running app need their run, sender and task stamped."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def test_the_server_step_follows_fedavgm(stamped_messages):
+    """x_{t+1} = x_t - lr·v_t with v_t = momentum·v_{t-1} + (x_t - weighted mean of the replies), over two rounds."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fora.federated import AdapterAveraging
+
+    lr, momentum, counts = 2.5, 0.5, [3, 1]
+    start, *replies = random_states(5)
+    strategy = AdapterAveraging(min_fit_clients=2, proximal_mu=0.0, server_learning_rate=lr, server_momentum=momentum)
+    sent, velocity = {k: v.double() for k, v in start.items()}, None
+    for server_round, states in ((1, replies[:2]), (2, replies[2:])):
+        list(strategy.configure_train(server_round, ArrayRecord({k: v.float() for k, v in sent.items()}), ConfigRecord(), TwoNodes()))
+        arrays, _ = strategy.aggregate_train(server_round, [update(10 + i, i, n, s) for i, (n, s) in enumerate(zip(counts, states))])
+        mean = {k: sum(n * s[k].double() for n, s in zip(counts, states)) / sum(counts) for k in sent}
+        change = {k: sent[k] - mean[k] for k in sent}
+        velocity = change if velocity is None else {k: momentum * velocity[k] + change[k] for k in sent}
+        sent = {k: sent[k] - lr * velocity[k] for k in sent}
+        received = arrays.to_torch_state_dict()
+        for name in sent:
+            torch.testing.assert_close(received[name].double(), sent[name], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(received[name].double(), mean[name], atol=1e-3)  # not plain FedAvg
+
+
 def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_remain(flower_log):
     from fora.federated import AdapterAveraging
 
@@ -102,21 +139,16 @@ def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_re
     strict = AdapterAveraging(min_fit_clients=2, proximal_mu=0.0)
     assert strict.aggregate_train(1, [update(10, 0, 7, state), failure(11, reason)]) == (None, None)
     assert strict.rounds[1]["skipped"]
+    assert "first failure: round 1: client 1 failed: ValueError: out of memory" in strict.no_update_reason()
+    assert strategy.no_update_reason() is None
     assert any("fewer than --min_fit_clients 2: the global adapter stays" in line for line in flower_log)
 
 
-def test_a_client_that_does_not_answer_in_time_is_named(flower_log, monkeypatch):
+def test_a_client_that_does_not_answer_in_time_is_named(flower_log, stamped_messages):
     from flwr.app import ArrayRecord, ConfigRecord
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fora.federated import AdapterAveraging
 
-    class TwoNodes:  # the part of a Grid that configure_train uses
-        def get_node_ids(self):
-            return [10, 11]
-
-    for name in ("_run_id", "_node_id", "_task_id"):  # messages are stamped with their run, sender and task
-        monkeypatch.setattr(TaskIdentity, name, 1)
     (state,) = random_states(1)
     strategy = AdapterAveraging(min_fit_clients=1, proximal_mu=0.25)
     strategy.client_names[11] = "client 1"  # learned from an earlier round's reply
@@ -313,6 +345,23 @@ def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, 
     assert not (tmp_path / "out" / "federated_history.json").exists()
 
 
+def test_a_run_in_which_no_round_produced_an_update_fails_in_one_line(tmp_path, tiny_model):
+    """Every client misses a half-second --round_timeout (a real simulation): exit 2, no final adapter."""
+    train = write_jsonl(tmp_path / "train.jsonl", train_records(8))
+    out = tmp_path / "out"
+    result = run_script(
+        PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file", str(train),
+        "--num_clients", "2", "--num_rounds", "1", "--local_steps", "1", "--round_timeout", "0.5", "--lora_rank", "4",
+        "--max_source_length", "64", "--max_target_length", "32", "--output_dir", str(out), "--report_to", "none",
+        timeout=300, env=FLOWER_ENV,
+    )
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: no round produced an update") and "did not answer within --round_timeout" in error
+    assert "Traceback" not in result.stderr
+    assert not (out / "adapter_config.json").exists()
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model):
     result = run_script(PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file",
                         "data/train.json", "--num_rounds", "0", "--output_dir", str(tmp_path / "out"), timeout=120)
@@ -375,16 +424,31 @@ def stop_processes(started: list) -> None:
         proc.kill()
 
 
+def wait_for_supernodes(count: int, seconds: float, env: dict, processes: list) -> None:
+    """Until the SuperLink lists `count` SuperNodes online (`flwr supernode list`), so every site is in round 1."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in processes), "a Flower process exited early (see its log)"
+        listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "test", "--format", "json"],
+                                env=env, capture_output=True, text=True, timeout=60, check=False)
+        if listed.returncode == 0 and sum(n["status"] == "online" for n in json.loads(listed.stdout)["nodes"]) >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"fewer than {count} SuperNodes online after {seconds} s")
+
+
 def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
+    """Three sites on loopback; site 2's node config names a data file it does not have, so its client
+    raises in every round: the log names it and each round goes on with the two others (--min_fit_clients 2)."""
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "flwr-home"
     home.mkdir()
-    link_port, node_ports = free_port(), (free_port(), free_port())
+    link_port, node_ports = free_port(), (free_port(), free_port(), free_port())
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    sites = [write_jsonl(tmp_path / f"site-{i}.jsonl", train_records(10, start=10 * i)) for i in range(2)]
+    sites = [write_jsonl(tmp_path / f"site-{i}.jsonl", train_records(10, start=10 * i)) for i in range(2)] + [tmp_path / "missing.jsonl"]
     validation = write_jsonl(tmp_path / "validation.jsonl", train_records(4, start=100))
     out = tmp_path / "out"
     started = []
@@ -401,8 +465,9 @@ def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
         for site, (data_file, port) in enumerate(zip(sites, node_ports)):
             start(f"supernode-{site}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                   "--port", str(port), "--node-config",
-                  f"partition-id={site} num-partitions=2 data-file='{data_file}' model-path='{tiny_model}'")
-        flags = (f"--model_name_or_path {tiny_model} --num_clients 2 --num_rounds 2 --local_steps 2 "
+                  f"partition-id={site} num-partitions=3 data-file='{data_file}' model-path='{tiny_model}'")
+        wait_for_supernodes(3, 120, env, started)
+        flags = (f"--model_name_or_path {tiny_model} --num_clients 3 --min_fit_clients 2 --num_rounds 2 --local_steps 2 "
                  f"--per_device_train_batch_size 4 --learning_rate 5e-3 --lora_rank 4 --max_source_length 64 "
                  f"--max_target_length 32 --validation_file {validation} --output_dir {out} --report_to none")
         result = subprocess.run(
@@ -413,6 +478,10 @@ def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
         history = json.loads((out / "federated_history.json").read_text())
         assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
         assert [[c["num_examples"] for c in r["clients"]] for r in history["rounds"][1:]] == [[10, 10], [10, 10]]
+        for entry in history["rounds"][1:]:
+            (dropped,) = entry["dropped"]
+            assert dropped.startswith("client 2 failed: ") and "missing.jsonl" in dropped, dropped
+        assert f"round 1: {history['rounds'][1]['dropped'][0]}" in result.stdout + result.stderr
         assert history["rounds"][2]["eval_loss"] < history["rounds"][0]["eval_loss"]
         assert (out / "round-2" / "adapter_model.safetensors").is_file() and (out / "fora_run.json").is_file()
     finally:
