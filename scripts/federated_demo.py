@@ -1,7 +1,7 @@
 """Federated demo: is the federated adapter as good as a centralised one, and better than each site alone?
 
-    nice python scripts/federated_demo.py                          # LoRA, 3 clients x 3 rounds x 2 local steps
-    nice python scripts/federated_demo.py --variants lora,fora,qlora --rounds 5 --local_steps 10
+    nice python scripts/federated_demo.py                          # LoRA, 3 clients x 5 rounds x 6 local steps
+    nice python scripts/federated_demo.py --variants lora,fora,qlora
 
 On the embedded default model and the project's sample data (data/train.json), for every variant:
   split    the training records non-IID across the clients by relation type: each record goes to the client
@@ -12,7 +12,7 @@ On the embedded default model and the project's sample data (data/train.json), f
            steps); (3) train_lora.py on each client's file alone with rounds x local steps
            (qlora: train_federated.py --quantization_bit 4 and train_qlora.py)
   evaluate one evaluator for every adapter, the federated server's own (GlobalAdapter.evaluate: the eval
-           loss on data/test.json as train_lora.py reports it): the base and each round's global adapter
+           loss on data/test.json as train_lora.py reports it; with --eval_generate also ROUGE-L): the base and each round's global adapter
            are scored by the federated run itself (federated_history.json); the centralised and the
            single-client adapters by the same evaluator in this process, which also re-scores the last
            round's adapter to check that both give the same figure
@@ -78,15 +78,15 @@ def run(command: list[str], log_file: Path, env: dict) -> float:
     return time.perf_counter() - started
 
 
-def evaluate(federated_argv: list[str], folders: dict[str, Path]) -> dict[str, float]:
-    """Eval loss of every adapter folder by the federated server's evaluator, built from the federated
-    run's flags (the same base, dataset and batches as its per-round scores)."""
+def evaluate(federated_argv: list[str], folders: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """The scores of every adapter folder by the federated server's evaluator, built from the federated
+    run's flags (the same base, dataset, batches and, with --eval_generate, generation as its per-round scores)."""
     from safetensors.torch import load_file
 
     from fora import federated
 
     server = federated.GlobalAdapter(federated.parse(federated_argv))
-    return {name: server.evaluate(load_file(folder / "adapter_model.safetensors"))["eval_loss"] for name, folder in folders.items()}
+    return {name: server.evaluate(load_file(folder / "adapter_model.safetensors")) for name, folder in folders.items()}
 
 
 def plot(path: Path, variant: str, rounds: list[float], centralised: float, alone: list[float]) -> None:
@@ -127,6 +127,7 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
         "--partition", "files", "--client_files", ",".join(map(str, client_files)), "--num_clients", str(num_clients),
         "--num_rounds", str(options.rounds), "--local_steps", str(options.local_steps),
         "--validation_file", options.validation_file, "--output_dir", str(out / "federated"), *common,
+        *(["--eval_generate"] if options.eval_generate else []),
     ]
     seconds = {"federated": run([sys.executable, "train_federated.py", *federated_argv], out / "federated.log", env)}
     single = ["--save_strategy", "no", *common]
@@ -139,20 +140,21 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
              "--output_dir", str(out / f"alone-{client}"), *single], out / f"alone-{client}.log", env)
 
     history = json.loads((out / "federated" / "federated_history.json").read_text())["rounds"]
-    losses = {("base" if r["round"] == 0 else f"round {r['round']}"): r["eval_loss"] for r in history}
+    scores = {("base" if r["round"] == 0 else f"round {r['round']}"): r for r in history}
     folders = {"centralised": out / "centralised", **{f"client {c} alone": out / f"alone-{c}" for c in range(num_clients)}}
     last = f"round {options.rounds}"
     folders[f"{last} (re-scored)"] = out / "federated" / f"round-{options.rounds}"
     print(f"Evaluating {len(folders)} adapters on {options.validation_file} ...", flush=True)
-    rescored = evaluate(federated_argv, folders)
-    recheck = rescored.pop(f"{last} (re-scored)")
-    losses.update(rescored)
+    scores.update(evaluate(federated_argv, folders))
+    recheck = scores.pop(f"{last} (re-scored)")["eval_loss"]
+    losses = {name: entry["eval_loss"] for name, entry in scores.items()}
+    rouge_l = {name: entry["rouge-l"] for name, entry in scores.items() if "rouge-l" in entry}
 
     rounds = [losses["base"]] + [losses[f"round {r}"] for r in range(1, options.rounds + 1)]
     final, centralised = rounds[-1], losses["centralised"]
     alone = [losses[f"client {c} alone"] for c in range(num_clients)]
     result = {
-        "variant": variant, "eval_loss": losses, "last_round_rescored": recheck, "seconds": seconds,
+        "variant": variant, "eval_loss": losses, "rouge-l": rouge_l, "last_round_rescored": recheck, "seconds": seconds,
         "federated_over_centralised": final / centralised, "federated_over_best_alone": final / min(alone),
         "within_5_percent_of_centralised": final <= 1.05 * centralised, "better_than_every_client_alone": final < min(alone),
     }
@@ -164,10 +166,11 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
              **{f"client {c} alone": steps_per_client for c in range(num_clients)}}
     print(f"\n{variant}: eval loss on {options.validation_file} ({num_clients} clients, {options.rounds} rounds x "
           f"{options.local_steps} local steps, batch {options.batch_size})")
-    print(f"{'adapter':<20}{'steps':>7}{'eval loss':>11}{'/ centralised':>15}{'seconds':>9}")
+    print(f"{'adapter':<20}{'steps':>7}{'eval loss':>11}{'/ centralised':>15}{'ROUGE-L':>9}{'seconds':>9}")
     for name, loss in losses.items():
         took = f"{seconds[name]:.0f}" if name in seconds else ""
-        print(f"{name:<20}{steps[name]:>7}{loss:>11.4f}{loss / centralised:>15.3f}{took:>9}")
+        rouge = f"{rouge_l[name]:.2f}" if name in rouge_l else ""
+        print(f"{name:<20}{steps[name]:>7}{loss:>11.4f}{loss / centralised:>15.3f}{rouge:>9}{took:>9}")
     print(f"{last} re-scored in this process: {recheck:.4f} (the federated run logged {losses[last]:.4f})")
     print(f"federated (round {options.rounds}) / centralised: {result['federated_over_centralised']:.3f} "
           f"(target <= 1.05: {'met' if result['within_5_percent_of_centralised'] else 'NOT met'}); "
@@ -182,11 +185,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="lora", help="comma-separated: lora, fora, qlora")
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local_steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local_steps", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--eval_generate", action="store_true",
+                        help="also ROUGE-L of greedy answers for every adapter (train_federated.py --eval_generate); slower")
     parser.add_argument("--train_file", default="data/train.json")
     parser.add_argument("--validation_file", default="data/test.json")
     parser.add_argument("--work_dir", type=Path, default=REPO / "output" / "federated_demo")

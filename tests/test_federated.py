@@ -236,21 +236,21 @@ def federated_run(tmp_path_factory, tiny_model):
     train = write_jsonl(folder / "train.jsonl", train_records(24))
     validation = write_jsonl(folder / "validation.jsonl", train_records(6, start=100))
     out = folder / "out"
-    result = run_script(
-        PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file", str(train),
-        "--validation_file", str(validation), "--num_clients", "2", "--num_rounds", "2", "--local_steps", "3",
-        "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_rank", "4",
-        "--max_source_length", "64", "--max_target_length", "32", "--output_dir", str(out), "--report_to", "none",
+    flags = [
+        "--model_name_or_path", str(tiny_model), "--train_file", str(train), "--validation_file", str(validation),
+        "--num_clients", "2", "--num_rounds", "2", "--local_steps", "3", "--per_device_train_batch_size", "4",
+        "--learning_rate", "5e-3", "--lora_rank", "4", "--max_source_length", "64", "--max_target_length", "32",
+        "--output_dir", str(out), "--report_to", "none", "--eval_generate",
         # Flower's DP wrapper and clipping mod in the loop, set so they change nothing (no noise, a norm never reached)
         "--dp_noise_multiplier", "0", "--dp_clipping_norm", "1000",
-        timeout=420, env=FLOWER_ENV,
-    )
+    ]
+    result = run_script(PYTHON, "train_federated.py", *flags, timeout=420, env=FLOWER_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+    return out, result, flags
 
 
 def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_round(federated_run):
-    out, _ = federated_run
+    out, *_ = federated_run
     history = json.loads((out / "federated_history.json").read_text())
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -277,7 +277,7 @@ def test_only_adapter_tensors_travel(federated_run, tiny_model):
     from fora import modeling
     from fora.federated import adapter_state
 
-    out, _ = federated_run
+    out, *_ = federated_run
     history = json.loads((out / "federated_history.json").read_text())
     adapter = load_file(str(out / "round-2" / "adapter_model.safetensors"))
     adapter_bytes = ArrayRecord(adapter).count_bytes()
@@ -295,8 +295,57 @@ def test_only_adapter_tensors_travel(federated_run, tiny_model):
     assert all("lora_" in name for name in payload) and not base_names & set(payload)
 
 
+def talkative_copy(model_dir: Path, folder: Path) -> Path:
+    """The tiny model with an untied random output layer: the tied one repeats the prompt's last token
+    (a newline, so every answer is blank), this one answers words."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    weights = load_file(str(folder / "model.safetensors"))
+    embedding = weights["model.embed_tokens.weight"]
+    weights["lm_head.weight"] = torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_eval_generate_scores_as_predict_fora_does(federated_run, tmp_path, tiny_model):
+    """Every round has ROUGE-L/BLEU-4, and the server's scorer gives what predict_fora.py gives the same model
+    (the initial global adapter, lora_B = 0, on a tiny model that answers words), on labels that are half
+    the model's own answers, so neither score is 0 or 100."""
+    from fora import federated
+
+    out, _, flags = federated_run
+    rounds = json.loads((out / "federated_history.json").read_text())["rounds"]
+    assert all({"rouge-l", "bleu-4"} <= set(r) for r in rounds)
+    assert (out / "federated_rouge_l.png").stat().st_size > 0 and (out / "federated_bleu_4.png").stat().st_size > 0
+    model = talkative_copy(tiny_model, tmp_path / "talkative")
+
+    def predict(test_file: Path, name: str) -> dict:
+        result = run_script(PYTHON, "predict_fora.py", "--model_dir", str(model), "--test_path", str(test_file),
+                            "--max_source_length", "64", "--max_new_tokens", "32", "--output_dir", str(tmp_path / name), env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads((tmp_path / name / "predict_results.json").read_text())
+
+    validation = Path(flags[flags.index("--validation_file") + 1])
+    predict(validation, "first")
+    answers = [json.loads(line)["predict"] for line in (tmp_path / "first" / "generated_predictions.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in validation.read_text(encoding="utf-8").splitlines()]
+    labelled = write_jsonl(tmp_path / "labelled.jsonl", [
+        {**record, "output": answer if i % 2 else record["output"]} for i, (record, answer) in enumerate(zip(records, answers))
+    ])
+    expected = predict(labelled, "second")
+    assert 10 < expected["rouge-l"] < 90, expected
+
+    argv = flags + ["--model_name_or_path", str(model), "--validation_file", str(labelled), "--output_dir", str(tmp_path / "server")]
+    server = federated.GlobalAdapter(federated.parse(argv))  # (the last of a repeated flag wins)
+    scores = server.evaluate(federated.adapter_state(server.model))
+    assert (scores["rouge-l"], scores["bleu-4"]) == (expected["rouge-l"], expected["bleu-4"])
+
+
 def test_the_round_2_adapter_loads_in_predict_and_merge(federated_run, tmp_path):
-    out, _ = federated_run
+    out, *_ = federated_run
     test_file = write_jsonl(tmp_path / "test.jsonl", train_records(2, start=200))
     predicted = run_script(
         PYTHON, "predict_fora.py", "--model_dir", str(out / "round-2"), "--test_path", str(test_file),
