@@ -1,5 +1,6 @@
-"""Federated fine-tuning (fora/federated.py, train_federated.py): aggregation, FedProx, dropped clients,
-what travels, a real 2-client simulation whose adapter predict_fora.py and merge_lora.py take, bad input."""
+"""Federated fine-tuning (fora/federated.py, train_federated.py): aggregation and the server step, FedProx,
+dropped clients, what travels, real simulations (LoRA; FoRA on 4-bit bases; one where every client is late)
+whose adapters predict_fora.py and merge_lora.py take, per-round scores, bad input, and the deployment engine."""
 
 import json
 import logging
@@ -359,6 +360,34 @@ def test_the_round_2_adapter_loads_in_predict_and_merge(federated_run, tmp_path)
     )
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_fora_clients_on_a_4bit_base(tmp_path, tiny_model):
+    """FoRA adapters trained on 4-bit (NF4) bases at two simulated sites: the round's global adapter records
+    its 4-bit base, holds FoRA's factors, and predict_fora.py loads it on that base."""
+    train = write_jsonl(tmp_path / "train.jsonl", train_records(8))
+    validation = write_jsonl(tmp_path / "validation.jsonl", train_records(4, start=100))
+    out = tmp_path / "out"
+    result = run_script(
+        PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file", str(train),
+        "--validation_file", str(validation), "--finetuning_type", "fora", "--quantization_bit", "4",
+        "--num_clients", "2", "--num_rounds", "1", "--local_steps", "2", "--per_device_train_batch_size", "2",
+        "--learning_rate", "5e-3", "--lora_rank", "4", "--max_source_length", "64", "--max_target_length", "16",
+        "--output_dir", str(out), "--report_to", "none", timeout=420, env=FLOWER_ENV,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "round-1" / "fora_run.json").read_text())
+    assert (record["finetuning_type"], record["quantization_bit"]) == ("fora", 4)
+    history = json.loads((out / "federated_history.json").read_text())
+    assert [c["num_examples"] for c in history["rounds"][1]["clients"]] == [4, 4]
+    sent = load_file(str(out / "round-1" / "adapter_model.safetensors"))
+    assert len({name.rsplit(".", 2)[-2] for name in sent}) > 2 and all("lora" in name or "fora" in name for name in sent)
+    predicted = run_script(
+        PYTHON, "predict_fora.py", "--model_dir", str(out / "round-1"), "--test_path", str(validation),
+        "--output_dir", str(tmp_path / "pred"), "--max_new_tokens", "4", env=ONE_THREAD,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert json.loads((tmp_path / "pred" / "predict_results.json").read_text())["quantization_bit"] == 4
 
 
 # --- Bad input: one line, exit 2, before Flower starts -------------------------------------------
