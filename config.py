@@ -712,9 +712,9 @@ class FederatedArguments:
         default=1.0,
         metadata={
             "help": "FedAvgM's server step: the global adapter moves by this times the clients' example-weighted mean "
-            "change. 1 = FedAvg (the new global adapter is the mean). The mean of N clients' changes is about one "
-            "client's worth of steps, so a value near N moves the adapter per round about as far as the clients' "
-            "steps taken one after another would."
+            "change. 1 = FedAvg (the new global adapter is the mean, which moves about as far as one client's "
+            "local steps). Above 1 moves it further per round; a LoRA/FoRA product of factors then changes by "
+            "about the square of it, so raise it in small steps."
         },
     )
     server_momentum: float = field(
