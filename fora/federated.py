@@ -352,6 +352,10 @@ class ClientFailed(RuntimeError):
     """A client's round failed; the message starts with `client N:`, which the server's log repeats."""
 
 
+class FederationFailed(RuntimeError):
+    """No round changed the global adapter: every round had fewer than --min_fit_clients client updates."""
+
+
 # --- Server side -----------------------------------------------------------------------------------
 
 
@@ -596,10 +600,6 @@ def serve(grid, argv: list[str]) -> None:
     server.save(run.output_dir, result.arrays.to_torch_state_dict(), fed.num_rounds)
     logger.info("Global adapter saved to %s (one per round in %s/round-N); history: %s",
                 run.output_dir, run.output_dir, run.output_dir / HISTORY_FILE)
-
-
-class FederationFailed(RuntimeError):
-    """No round changed the global adapter: every round had fewer than --min_fit_clients client updates."""
 
 
 def make_server_app(argv: list[str] | None = None):
