@@ -3,7 +3,7 @@
     server (ServerApp)                          each client (ClientApp)
     global adapter ──── adapter tensors ────▶   load it into its own base model (loaded once per process)
                                                 train --local_steps with fora.training.SupervisedTrainer
-    example-weighted mean ◀── adapter tensors ─ (+ FedProx's mu/2·||w − w_global||², ProximalTrainer)
+    example-weighted mean ◀── adapter tensors ─ (+ FedProx's mu/2·||w − w_global||², ClientTrainer)
     save OUTPUT_DIR/round-N (PEFT + fora_run.json), eval loss (+ ROUGE-L/BLEU-4), federated_history.json
 
 The same two apps run in Flower's simulation engine (`simulate`, one machine, clients in Ray
@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def parse(argv: list[str] | None) -> FederatedRun:
     )
     if finetuning_args.finetuning_type == "full":
         raise UserError("--finetuning_type full: federated training sends adapters only; choose lora or fora")
+    if training_args.lr_scheduler_type == "reduce_lr_on_plateau":
+        raise UserError("--lr_scheduler_type reduce_lr_on_plateau: clients do not evaluate while they train; choose a fixed schedule")
     dtype = training_dtype(model_args, training_args)
     return FederatedRun(model_args, data_args, finetuning_args, training_args, federated_args, dtype)
 
@@ -211,19 +214,35 @@ def load_adapted_model(run: FederatedRun, model_path: str | None):
     return path, tokenizer, template, modeling.attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
 
 
-class ProximalTrainer(SupervisedTrainer):
-    """SupervisedTrainer whose training loss adds FedProx's mu/2·||w − w_global||² over the trainable weights.
+class ClientTrainer(SupervisedTrainer):
+    """SupervisedTrainer for one round of a client's local training: the federation's learning-rate
+    schedule, and FedProx's mu/2·||w − w_global||² added to the loss over the trainable weights.
 
-    w_global is the adapter as received this round (the weights when the trainer is built), so each
-    optimizer step's gradient gains mu·(w − w_global). The Trainer sums micro-batch losses over gradient
-    accumulation, so the term is divided by the accumulation steps to count once per step.
+    Schedule: a round's local steps are steps (round − 1)·n … round·n − 1 of one schedule over
+    num_rounds·n steps, so warmup happens once and the decay runs across rounds, step for step as
+    train_lora.py's schedule over the same total steps (a schedule restarted every round would warm up
+    and decay again in each one).
+
+    FedProx: w_global is the adapter as received this round (the weights when the trainer is built), so
+    each optimizer step's gradient gains mu·(w − w_global). The Trainer sums micro-batch losses over
+    gradient accumulation, so the term is divided by the accumulation steps to count once per step.
     """
 
-    def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
+    def __init__(self, *args, server_round: int = 1, num_rounds: int = 1, proximal_mu: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.server_round, self.num_rounds = server_round, num_rounds
         self.proximal_mu = proximal_mu
         trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.global_weights = {n: p.detach().clone() for n, p in trained.items()} if proximal_mu else {}
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            scheduler = super().create_scheduler(num_training_steps * self.num_rounds, optimizer)
+            with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(num_training_steps * (self.server_round - 1)):
+                    scheduler.step()
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -265,12 +284,14 @@ class Site:
         fed = self.run.federated
         with tempfile.TemporaryDirectory(prefix="fora-client-") as work_dir:
             args = local_training_args(self.run.training, work_dir, fed.local_steps, fed.local_epochs, server_round)
-            trainer = ProximalTrainer(
+            trainer = ClientTrainer(
                 model=self.model,
                 args=args,
                 train_dataset=dataset,
                 data_collator=PaddingCollator(self.tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
                 processing_class=self.tokenizer,
+                server_round=server_round,
+                num_rounds=fed.num_rounds,
                 proximal_mu=proximal_mu,
             )
             result = trainer.train()

@@ -4,6 +4,7 @@ whose adapters predict_fora.py and merge_lora.py take, per-round scores, bad inp
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -167,7 +168,7 @@ def test_a_client_that_does_not_answer_in_time_is_named(flower_log, stamped_mess
 def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradient(tmp_path, tiny_model):
     from config import FinetuningArguments, TrainArguments
     from fora import modeling
-    from fora.federated import ProximalTrainer
+    from fora.federated import ClientTrainer
 
     batch = {"input_ids": torch.tensor([[1, 20, 30, 40, 50, 60]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
              "labels": torch.tensor([[-100, -100, 30, 40, 50, 60]])}
@@ -176,7 +177,7 @@ def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradien
     def gradients(mu: float) -> tuple[dict, dict]:
         torch.manual_seed(0)
         model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
-        trainer = ProximalTrainer(model=model, args=args, proximal_mu=mu)
+        trainer = ClientTrainer(model=model, args=args, proximal_mu=mu)
         global_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad():  # the client has moved away from the global adapter
             generator = torch.Generator().manual_seed(1)
@@ -197,6 +198,42 @@ def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradien
         # mu * (w - w_global), split over the two micro-batches of one optimizer step
         torch.testing.assert_close(proximal[name] - plain[name], mu * distance[name] / 2, rtol=1e-4, atol=1e-6)
     assert any(distance[n].abs().max() > 0 for n in distance)
+
+
+# --- The learning-rate schedule across rounds ------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_client_rounds_follow_one_schedule_over_all_rounds(tmp_path, tiny_model, schedule):
+    """Round r's local steps take the rates of steps (r-1)*n .. r*n-1 of one schedule over rounds*n steps,
+    warmup included once: the rates train_lora.py uses over the same total steps."""
+    from config import FinetuningArguments, TrainArguments
+    from fora import modeling
+    from fora.federated import ClientTrainer
+
+    rounds, local_steps, peak = 3, 4, 1e-3
+    args = TrainArguments(output_dir=str(tmp_path), report_to="none", learning_rate=peak,
+                          lr_scheduler_type=schedule, warmup_ratio=0.1, max_steps=local_steps)
+    model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
+    rates = []
+    for server_round in range(1, rounds + 1):
+        trainer = ClientTrainer(model=model, args=args, server_round=server_round, num_rounds=rounds)
+        trainer.create_optimizer_and_scheduler(num_training_steps=local_steps)
+        for _ in range(local_steps):
+            rates.append(trainer.lr_scheduler.get_last_lr()[0])
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+
+    total = rounds * local_steps
+    warmup = math.ceil(0.1 * total)  # once, over the whole federation
+
+    def expected(step: int) -> float:
+        if step < warmup:
+            return peak * step / warmup
+        progress = (step - warmup) / (total - warmup)
+        return peak * (1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+    assert rates == pytest.approx([expected(step) for step in range(total)], rel=1e-9, abs=1e-15)
 
 
 # --- Partitioning --------------------------------------------------------------------------------
@@ -401,6 +438,7 @@ def test_fora_clients_on_a_4bit_base(tmp_path, tiny_model):
         ("more clients than records", "3 records for --num_clients 5; every client needs at least one"),
         ("no rounds", "--num_rounds must be at least 1, got 0"),
         ("field with too few values", "the field has 1 distinct values, fewer than --num_clients 2"),
+        ("schedule driven by eval loss", "--lr_scheduler_type reduce_lr_on_plateau: clients do not evaluate"),
     ],
 )
 def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, expected):
@@ -415,6 +453,9 @@ def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, 
         "more clients than records": ["--train_file", str(good), "--num_clients", "5"],
         "no rounds": ["--train_file", str(good), "--num_rounds", "0"],
         "field with too few values": ["--train_file", str(good), "--partition", "field:instruction"],
+        "schedule driven by eval loss": [
+            "--train_file", str(good), "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "steps"
+        ],
     }[case]
     argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags]
     with pytest.raises(UserError) as error:
