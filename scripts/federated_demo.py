@@ -18,8 +18,9 @@ On the embedded default model and the project's sample data (data/train.json), f
            round's adapter to check that both give the same figure
   report   a table with the ratios federated / centralised and federated / best client alone, the run
            times, WORK_DIR/VARIANT/results.json and WORK_DIR/VARIANT/eval_loss.png
-Every run uses the same flags (batch, lengths, learning rate, constant schedule, seed, float32); the
-federated clients restart their optimizer each round, as FedAvg does.
+Every run uses the same flags (batch, lengths, learning rate and schedule, seed, float32); a decaying
+schedule spans the federated run's rounds as it spans the centralised run's steps. The federated clients
+restart their optimizer each round, as FedAvg does.
 """
 
 import argparse
@@ -119,7 +120,7 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
         *adapter_flags, "--lora_config", "configs/lora_config_smollm2.json",
         "--max_source_length", "256", "--max_target_length", "128", "--torch_dtype", "float32",
         "--per_device_train_batch_size", str(options.batch_size), "--per_device_eval_batch_size", "8",
-        "--learning_rate", str(options.learning_rate), "--lr_scheduler_type", "constant",
+        "--learning_rate", str(options.learning_rate), "--lr_scheduler_type", options.lr_scheduler_type,
         "--seed", str(options.seed), "--logging_steps", "4", "--report_to", "none", "--overwrite_output_dir",
     ]
     num_clients, steps_per_client = len(client_files), options.rounds * options.local_steps
@@ -165,7 +166,7 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
              **{f"round {r}": num_clients * r * options.local_steps for r in range(1, options.rounds + 1)},
              **{f"client {c} alone": steps_per_client for c in range(num_clients)}}
     print(f"\n{variant}: eval loss on {options.validation_file} ({num_clients} clients, {options.rounds} rounds x "
-          f"{options.local_steps} local steps, batch {options.batch_size})")
+          f"{options.local_steps} local steps, batch {options.batch_size}, {options.lr_scheduler_type} rate {options.learning_rate:g})")
     print(f"{'adapter':<20}{'steps':>7}{'eval loss':>11}{'/ centralised':>15}{'ROUGE-L':>9}{'seconds':>9}")
     for name, loss in losses.items():
         took = f"{seconds[name]:.0f}" if name in seconds else ""
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--local_steps", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear", "cosine"])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--eval_generate", action="store_true",
                         help="also ROUGE-L of greedy answers for every adapter (train_federated.py --eval_generate); slower")
