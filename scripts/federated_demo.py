@@ -190,7 +190,8 @@ def main() -> None:
     parser.add_argument("--local_steps", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear", "cosine"],
+                        help="the schedule of every run; a decaying one spans the federated run's rounds")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--eval_generate", action="store_true",
                         help="also ROUGE-L of greedy answers for every adapter (train_federated.py --eval_generate); slower")
