@@ -342,7 +342,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
 
 
 def _parse(dataclass_types, argv: list[str]):
-    *parsed, unknown = _Parser(dataclass_types).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *parsed, unknown = _Parser(dataclass_types).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # TrainingArguments' own checks of the flags it was given
+        raise UserError(" ".join(str(error).split())) from None
     if unknown:
         raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help for the flags)")
     return parsed

@@ -187,6 +187,7 @@ BAD_TRAINING_FLAGS = [
     ),
     (["--quantization_bit", "3"], "--quantization_bit must be 4 or 8, got 3"),
     (["--torch_dtype", "float8"], "--torch_dtype 'float8' is unknown; choose one of: auto, float32, bfloat16, float16"),
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "lr_scheduler_type reduce_lr_on_plateau requires an eval strategy"),
 ]
 
 
