@@ -185,19 +185,20 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="lora", help="comma-separated: lora, fora, qlora")
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local_steps", type=int, default=6)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--clients", type=int, default=3, help="sites to split the training records across, non-IID by relation")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds")
+    parser.add_argument("--local_steps", type=int, default=6, help="optimizer steps of each client per round")
+    parser.add_argument("--batch_size", type=int, default=4, help="per-step batch of every run")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate of every run")
     parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear", "cosine"],
                         help="the schedule of every run; a decaying one spans the federated run's rounds")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split and of every run")
     parser.add_argument("--eval_generate", action="store_true",
                         help="also ROUGE-L of greedy answers for every adapter (train_federated.py --eval_generate); slower")
-    parser.add_argument("--train_file", default="data/train.json")
-    parser.add_argument("--validation_file", default="data/test.json")
-    parser.add_argument("--work_dir", type=Path, default=REPO / "output" / "federated_demo")
+    parser.add_argument("--train_file", default="data/train.json", help="records to split across the clients")
+    parser.add_argument("--validation_file", default="data/test.json", help="held-out records every adapter is scored on")
+    parser.add_argument("--work_dir", type=Path, default=REPO / "output" / "federated_demo",
+                        help="where the runs, results.json and plots go")
     options = parser.parse_args()
     variants = options.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
