@@ -9,6 +9,7 @@ The seeds' command lines predate transformers 5, which dropped `warmup_ratio`,
 kept here with their old meaning and mapped onto what transformers 5 offers.
 """
 
+import fora  # noqa: F401, I001  first: it quiets bitsandbytes, which transformers imports (see fora/__init__.py)
 import json
 import os
 import sys

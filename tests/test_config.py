@@ -216,8 +216,9 @@ def test_fp16_alone_warns_once_and_auto_dtype_follows(out, capfd):
 
 
 def test_no_precision_flags_no_warning(out, capfd):
+    """No flag: the machine's native half precision (bf16 on such a CPU, else float32), and no warning."""
     model, _, _, training = parse(out)
-    assert training_dtype(model, training) == torch.float32
+    assert training_dtype(model, training) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     assert capfd.readouterr().err == ""
 
 

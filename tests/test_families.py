@@ -128,6 +128,7 @@ def train(folder, train_file, out, finetuning_type):
         "--learning_rate", "2e-2", "--lora_rank", "4", "--lora_dropout", "0", "--logging_steps", "1",
         "--finetuning_type", "fora" if finetuning_type == "fora" else "lora", "--save_strategy", "no",
         "--report_to", "none",
+        "--torch_dtype", "float32",  # the merge is compared with the float32 unmerged model below, on any CPU
     ], default_quantization_bit=4 if finetuning_type == "qlora" else None)
 
 
