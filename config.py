@@ -20,7 +20,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from fora import run
-from fora.errors import UserError
+from fora.errors import UserError, read_json
 from fora.templates import check_template_name
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -231,12 +231,7 @@ class FinetuningArguments:
 
     def _read_lora_config(self) -> dict:
         path = Path(self.lora_config)
-        if not path.is_file():
-            raise UserError(f"--lora_config {path}: no such file")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"--lora_config {path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        values = read_json(path, "--lora_config")
         if not isinstance(values, dict):
             raise UserError(f"--lora_config {path}: expected a JSON object of lora_r, lora_alpha, ...")
         known = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save"}
@@ -296,7 +291,7 @@ class TrainArguments(TrainingArguments):
         self.logging_dir = self.logging_dir or os.path.join(self.output_dir or "trainer_output", "runs")
         os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
         if isinstance(self.deepspeed, str) and not self.deepspeed.startswith("{"):
-            _check_json_file("--deepspeed", self.deepspeed)
+            read_json(self.deepspeed, "--deepspeed")
         # Before the parent fills the DeepSpeed config's "auto" precision from fp16/bf16.
         self.replaced_precision = []  # reported, together with --torch_dtype, by run.training_dtype
         self.chosen_precision = None  # "bf16"/"fp16" when parse_args chose it (no precision flag given)
@@ -307,17 +302,6 @@ class TrainArguments(TrainingArguments):
                 self.replaced_precision.append("--fp16" if self.fp16 else "--bf16")
                 self.fp16, self.bf16 = False, run.cpu_has_bf16()
         super().__post_init__()
-
-
-def _check_json_file(flag: str, path: str) -> None:
-    try:
-        json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{flag} {path}: is a directory, expected a JSON file") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{flag} {path}: line {error.lineno}: invalid JSON ({error.msg})") from None
 
 
 def _as_csv(value) -> str | None:
@@ -647,10 +631,7 @@ def registered_dataset(dataset_dir: str | None, name: str) -> tuple[str, str | N
     registry = Path(dataset_dir or "data") / "dataset_info.json"
     if not registry.is_file():
         raise UserError(f"{registry}: no such file (needed by --dataset {name})")
-    try:
-        entries = json.loads(registry.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{registry}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    entries = read_json(registry)
     if not isinstance(entries, dict) or name not in entries:
         known = ", ".join(entries) if isinstance(entries, dict) else "nothing"
         raise UserError(f"{registry}: no dataset named {name!r} (has: {known})")

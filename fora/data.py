@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fora.errors import UserError
+from fora.errors import UserError, utf8_text
 from fora.templates import Segment, Turn
 
 IGNORE_INDEX = -100
@@ -51,14 +51,7 @@ def read_records(path: str) -> list[Record]:
     if file.is_dir():
         raise UserError(f"{path}: is a directory, expected a JSON or JSON Lines file")
     raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}: line {line}: not valid UTF-8 (byte {error.start}); "
-            "convert it first, e.g. iconv -f GBK -t UTF-8"
-        ) from None
+    text = utf8_text(raw, path)
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     first_line = text.lstrip().split("\n", 1)[0].rstrip()

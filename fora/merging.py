@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fora import compat, modeling
-from fora.errors import UserError
+from fora.errors import UserError, read_json
 from fora.run import RUN_FILE, RunRecord, merged_dtype, save_base_tokenizer
 
 MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
@@ -38,10 +38,7 @@ def check_adapter_dir(adapter: str) -> Path:
     if not (path / "adapter_config.json").is_file():
         hint = " (it is a full model; there is nothing to merge)" if (path / "config.json").is_file() else ""
         raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json){hint}")
-    try:
-        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"--adapter {path / 'adapter_config.json'}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    read_json(path / "adapter_config.json", "--adapter")
     if not any(path.glob("adapter_model.*")):
         raise UserError(f"--adapter {adapter}: the folder has no adapter weights (adapter_model.safetensors)")
     return path

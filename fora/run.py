@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from fora import compat
-from fora.errors import UserError
+from fora.errors import UserError, read_json
 
 RUN_FILE = "fora_run.json"
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -89,10 +89,7 @@ class RunRecord:
             path = folder.parent / RUN_FILE
         if not path.is_file():
             return None
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        values = read_json(path)
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a JSON object (the run record)")
         known = {f.name for f in fields(cls)}
@@ -140,7 +137,7 @@ def merged_dtype(requested: str, base: str) -> torch.dtype:
     config_file = Path(base) / "config.json"
     stored = None
     if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_json(config_file)
         stored = config.get("dtype") or config.get("torch_dtype")
     return getattr(torch, stored) if stored in DTYPE_NAMES else torch.float32
 

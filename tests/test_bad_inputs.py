@@ -212,6 +212,14 @@ def test_lora_config_that_is_not_json(train, tmp_path):
     )
 
 
+def test_lora_config_that_is_not_utf8(train, tmp_path):
+    path = tmp_path / "lora_config.json"
+    path.write_bytes('{"lora_r": 8,\n "注释": "秩"}'.encode("gbk"))  # saved by an editor in the Chinese legacy encoding
+    assert train(*read_nothing(tmp_path), "--lora_config", path) == (
+        f"error: --lora_config {path}: line 2: not valid UTF-8 (byte 18); convert it first, e.g. iconv -f GBK -t UTF-8"
+    )
+
+
 def test_resume_from_a_checkpoint_that_does_not_exist(train, tmp_path):
     missing = tmp_path / "previous-run" / "checkpoint-500"
     assert train(*read_nothing(tmp_path), "--resume_from_checkpoint", missing) == (
