@@ -2,7 +2,7 @@
 
 Raised with a one-line message that names the file, the record or line, and the field or flag;
 caught once, at the entry point, which prints it and exits non-zero. Anything else is a bug and
-keeps its traceback.
+keeps its traceback. `read_json` and `utf8_text` read the files a user names and raise it.
 """
 
 import json
