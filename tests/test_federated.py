@@ -279,7 +279,7 @@ def federated_run(tmp_path_factory, tiny_model):
         "--num_clients", "2", "--num_rounds", "2", "--local_steps", "3", "--per_device_train_batch_size", "4",
         "--learning_rate", "5e-3", "--lora_rank", "4", "--max_source_length", "64", "--max_target_length", "32",
         "--output_dir", str(out), "--report_to", "none", "--eval_generate",
-        "--torch_dtype", "float32",  # as the base file is stored, whose size the history reports (a bf16 CPU: bf16)
+        "--torch_dtype", "float32",  # as the base file is stored; the history reports the base's size as loaded
         # Flower's DP wrapper and clipping mod in the loop, set so they change nothing (no noise, a norm never reached)
         "--dp_noise_multiplier", "0", "--dp_clipping_norm", "1000",
     ]
