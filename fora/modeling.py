@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fora import compat
-from fora.errors import UserError
+from fora.errors import UserError, read_json
 from fora.run import RUN_FILE, RunRecord, inference_dtype, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def _pread_state_dict(model_path: str, stack):
     folder = Path(model_path)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -410,8 +410,9 @@ def load_inference_model(
     # The model to load, and the flag that named it (for error messages).
     model_source, model_flag = base_model, "--ori_model_dir"
     if kind == "adapter":
-        with open(path / "adapter_config.json", encoding="utf-8") as f:
-            recorded_base = record.base_model if record else json.load(f).get("base_model_name_or_path")
+        recorded_base = (
+            record.base_model if record else read_json(path / "adapter_config.json", "--model_dir").get("base_model_name_or_path")
+        )
         model_source = base_model or recorded_base
         if not base_model and recorded_base and not Path(recorded_base).exists() and recorded_base.count("/") != 1:
             raise UserError(

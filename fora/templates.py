@@ -11,13 +11,12 @@ Two kinds of template:
   whose tokenizers ship without one (Baichuan2, ChatGLM2/3, InternLM...).
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from fora.errors import UserError
+from fora.errors import UserError, read_json
 
 Turn = tuple[str, str | None]  # (user, assistant); assistant is None for the turn to be generated
 
@@ -224,7 +223,7 @@ def _chatglm_template(tokenizer, folder: Path) -> str | None:
 def _baichuan_template(tokenizer, folder: Path) -> str | None:
     # The chat models name their user token in generation_config.json; the base models have none.
     path = folder / "generation_config.json"
-    user_token_id = json.loads(path.read_text(encoding="utf-8")).get("user_token_id") if path.is_file() else None
+    user_token_id = read_json(path).get("user_token_id") if path.is_file() else None
     user_token = tokenizer.convert_ids_to_tokens(user_token_id) if user_token_id is not None else None
     return {"<reserved_106>": "baichuan2", "<reserved_102>": "baichuan"}.get(user_token)
 
@@ -243,7 +242,7 @@ def family_template(tokenizer) -> str | None:
     config = folder / "config.json"
     if not config.is_file():
         return None
-    choose = FAMILY_TEMPLATES.get(json.loads(config.read_text(encoding="utf-8")).get("model_type"))
+    choose = FAMILY_TEMPLATES.get(read_json(config).get("model_type"))
     return choose(tokenizer, folder) if choose else None
 
 

@@ -285,6 +285,17 @@ def test_family_template_from_config_and_tokenizer(model_type, generation, token
     assert family_template(StubTokenizer(tmp_path, tokens)) == expected
 
 
+def test_family_template_with_a_broken_generation_config(tmp_path):
+    """A hand-edited generation_config.json that is not JSON is a one-line error naming the file and line."""
+    from fora.errors import UserError
+    from fora.templates import family_template
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "baichuan"}))
+    (tmp_path / "generation_config.json").write_text('{\n  "user_token_id": 195,\n}')
+    with pytest.raises(UserError, match=r"generation_config.json: line 3: invalid JSON"):
+        family_template(StubTokenizer(tmp_path, {195: "<reserved_106>"}))
+
+
 def test_model_scripts_name_existing_configs_and_templates():
     """Every scripts/models/*.sh names a configs/ file that exists and a template fora knows."""
     import re
