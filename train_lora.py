@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         model_args.quantization_bit = default_quantization_bit
     dtype = training_dtype(model_args, training_args)
 
-    import torch
     from transformers import set_seed
     from transformers.trainer import TRAINER_STATE_NAME
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=PaddingCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
+        data_collator=PaddingCollator.for_this_machine(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[LossPlotCallback()],
         run_record=record,

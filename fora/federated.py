@@ -288,7 +288,7 @@ class Site:
                 model=self.model,
                 args=args,
                 train_dataset=dataset,
-                data_collator=PaddingCollator(self.tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
+                data_collator=PaddingCollator.for_this_machine(self.tokenizer.pad_token_id),
                 processing_class=self.tokenizer,
                 server_round=server_round,
                 num_rounds=fed.num_rounds,
@@ -478,7 +478,7 @@ class GlobalAdapter:
             )
             self.evaluator = SupervisedTrainer(
                 model=self.model, args=eval_args, eval_dataset=dataset, processing_class=self.tokenizer,
-                data_collator=PaddingCollator(self.tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None),
+                data_collator=PaddingCollator.for_this_machine(self.tokenizer.pad_token_id),
             )
 
     def save(self, folder: Path, state: dict[str, torch.Tensor], server_round: int) -> None:

@@ -40,6 +40,11 @@ class PaddingCollator:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    @classmethod
+    def for_this_machine(cls, pad_token_id: int) -> "PaddingCollator":
+        """Lengths padded to a multiple of 8 on CUDA, where tensor cores want it; as they come on the CPU."""
+        return cls(pad_token_id, 8 if torch.cuda.is_available() else None)
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
