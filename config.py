@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -705,6 +706,26 @@ class FederatedArguments:
     server_momentum: float = field(
         default=0.0, metadata={"help": "FedAvgM's server momentum: the fraction of the previous round's move added to this one. 0 = none."}
     )
+    server_optimizer: Literal["fedavgm", "adamw"] = field(
+        default="fedavgm",
+        metadata={
+            "help": "The server's step. fedavgm: Flower's FedAvgM (--server_learning_rate, --server_momentum; 1 and 0 "
+            "are FedAvg), clients train with the run's optimizer. adamw: FedOpt (Reddi et al., 2021) with the run's "
+            "optimizer moved to the server: each client takes plain SGD steps at --client_learning_rate, and the "
+            "server reads the clients' example-weighted mean change, divided by that rate, as minus a gradient: "
+            "clipped to --max_grad_norm, one AdamW step per round (--learning_rate, --lr_scheduler_type and its "
+            "warmup over --num_rounds steps, --adam_beta1/2, --adam_epsilon, --weight_decay). With --local_steps 1 "
+            "every round is one AdamW step on the example-weighted mean of the clients' batch gradients: a centralised "
+            "run on batches of clients x batch size, but for how a batch is drawn (a share from each site) and weighted."
+        },
+    )
+    client_learning_rate: float = field(
+        default=0.01,
+        metadata={
+            "help": "With --server_optimizer adamw: the clients' constant SGD rate. With --local_steps 1 it cancels out "
+            "(the server divides it away); with more local steps it sets how far a client drifts in a round."
+        },
+    )
     round_timeout: float = field(
         default=3600.0, metadata={"help": "Seconds the server waits for client updates in a round; late clients are dropped from it."}
     )
@@ -761,6 +782,15 @@ class FederatedArguments:
             raise UserError(f"--server_learning_rate must be positive, got {self.server_learning_rate}")
         if not 0 <= self.server_momentum < 1:
             raise UserError(f"--server_momentum must be in [0, 1), got {self.server_momentum}")
+        if self.server_optimizer == "adamw":
+            if (self.server_learning_rate, self.server_momentum) != (1.0, 0.0):
+                raise UserError("--server_learning_rate and --server_momentum are FedAvgM's; with --server_optimizer "
+                                "adamw the server steps at --learning_rate")
+            if self.dp_noise_multiplier is not None:
+                raise UserError("differential privacy goes with --server_optimizer fedavgm: Flower adds its noise after "
+                                "the server's step, where under adamw it no longer masks the clients' mean update")
+        if self.client_learning_rate <= 0:
+            raise UserError(f"--client_learning_rate must be positive, got {self.client_learning_rate}")
         if self.round_timeout <= 0:
             raise UserError(f"--round_timeout must be positive, got {self.round_timeout}")
         if (self.dp_noise_multiplier is None) != (self.dp_clipping_norm is None):

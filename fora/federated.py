@@ -4,6 +4,7 @@
     global adapter ──── adapter tensors ────▶   load it into its own base model (loaded once per process)
                                                 train --local_steps with fora.training.SupervisedTrainer
     example-weighted mean ◀── adapter tensors ─ (+ FedProx's mu/2·||w − w_global||², ClientTrainer)
+    then FedAvgM's step, or AdamW on the mean change (--server_optimizer adamw: clients take SGD steps)
     save OUTPUT_DIR/round-N (PEFT + fora_run.json), eval loss (+ ROUGE-L/BLEU-4), federated_history.json
 
 The same two apps run in Flower's simulation engine (`simulate`, one machine, clients in Ray
@@ -41,7 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvgM
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import set_seed
+from transformers import get_scheduler, set_seed
 
 from config import (
     DataArguments,
@@ -186,7 +187,7 @@ def split_by_field(records, name: str, num_clients: int) -> list[list[int]]:
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapter's tensors (PEFT's names, as in adapter_model.safetensors), detached CPU copies."""
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
@@ -283,7 +284,7 @@ class Site:
         dataset = self.dataset(data_file)
         fed = self.run.federated
         with tempfile.TemporaryDirectory(prefix="fora-client-") as work_dir:
-            args = local_training_args(self.run.training, work_dir, fed.local_steps, fed.local_epochs, server_round)
+            args = local_training_args(self.run.training, fed, work_dir, server_round)
             trainer = ClientTrainer(
                 model=self.model,
                 args=args,
@@ -298,13 +299,17 @@ class Site:
         return adapter_state(self.model), len(dataset), result.training_loss
 
 
-def local_training_args(training, work_dir: str, local_steps: int | None, local_epochs: float | None, server_round: int):
+def local_training_args(training, fed: FederatedArguments, work_dir: str, server_round: int):
     """The run's TrainArguments for one round of local training: its length, and a seed per round so
-    every round draws other batches."""
+    every round draws other batches. Under --server_optimizer adamw the run's optimizer is the server's,
+    so a client takes plain, unclipped SGD steps at the constant --client_learning_rate."""
     args = quiet_training_args(training, work_dir)
-    args.max_steps = local_steps if local_steps is not None else -1
-    args.num_train_epochs = local_epochs if local_epochs is not None else args.num_train_epochs
+    args.max_steps = fed.local_steps if fed.local_steps is not None else -1
+    args.num_train_epochs = fed.local_epochs if fed.local_epochs is not None else args.num_train_epochs
     args.seed = args.data_seed = training.seed + server_round
+    if fed.server_optimizer == "adamw":
+        args.optim, args.learning_rate, args.lr_scheduler_type = "sgd", fed.client_learning_rate, "constant"
+        args.warmup_steps = args.warmup_ratio = args.weight_decay = args.max_grad_norm = 0
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     return args
@@ -380,17 +385,50 @@ class FederationFailed(RuntimeError):
 # --- Server side -----------------------------------------------------------------------------------
 
 
+class ServerAdamW:
+    """FedOpt's server step (Reddi et al., 2021) with the run's optimizer: the clients' mean change divided
+    by their SGD rate is minus a gradient, which the server clips as the Trainer does and feeds to one
+    torch AdamW step per round, under the run's learning-rate schedule over --num_rounds steps."""
+
+    def __init__(self, training, fed: FederatedArguments, initial: dict[str, torch.Tensor]):
+        self.client_learning_rate = fed.client_learning_rate
+        self.max_grad_norm = training.max_grad_norm
+        self.weights = {name: torch.nn.Parameter(t.float().clone()) for name, t in initial.items()}
+        self.optimizer = torch.optim.AdamW(
+            self.weights.values(), lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
+            eps=training.adam_epsilon, weight_decay=training.weight_decay,
+        )
+        self.schedule = get_scheduler(
+            training.lr_scheduler_type, self.optimizer, num_warmup_steps=training.get_warmup_steps(fed.num_rounds),
+            num_training_steps=fed.num_rounds, scheduler_specific_kwargs=training.lr_scheduler_kwargs,
+        )
+
+    def step(self, sent: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global adapter after one AdamW step from `sent`, the adapter this round started from."""
+        for name, weight in self.weights.items():
+            weight.data.copy_(sent[name])
+            weight.grad = (sent[name].float() - mean[name].float()) / self.client_learning_rate
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(self.weights.values()), self.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        return {name: weight.detach().to(sent[name].dtype) for name, weight in self.weights.items()}
+
+
 class AdapterAveraging(FedAvgM):
     """FedAvg over adapter tensors, weighted by each client's number of examples (Flower's aggregation),
     with FedAvgM's server step (the global adapter moves by server_learning_rate times the mean change,
-    plus server_momentum times the previous move; 1 and 0 are plain FedAvg). It also sends FedProx's mu
+    plus server_momentum times the previous move; 1 and 0 are plain FedAvg), or with `server_adamw` the
+    run's AdamW on the server (ServerAdamW) in its place. It also sends FedProx's mu
     to the clients, names every client that failed or did not answer in time, skips a round with fewer
     than `min_fit_clients` updates (the global adapter stays), and records each client's traffic per
     round into `rounds`."""
 
-    def __init__(self, min_fit_clients: int, proximal_mu: float, server_learning_rate: float = 1.0, server_momentum: float = 0.0):
+    def __init__(self, min_fit_clients: int, proximal_mu: float, server_learning_rate: float = 1.0, server_momentum: float = 0.0,
+                 server_adamw: ServerAdamW | None = None):
         super().__init__(fraction_evaluate=0.0, min_train_nodes=min_fit_clients, min_available_nodes=min_fit_clients,
                          server_learning_rate=server_learning_rate, server_momentum=server_momentum)
+        self.server_adamw = server_adamw
         self.min_fit_clients = min_fit_clients
         self.proximal_mu = proximal_mu
         self.rounds: dict[int, dict] = {}  # round → {"clients": [...], "dropped": [...]}
@@ -436,7 +474,11 @@ class AdapterAveraging(FedAvgM):
                            "stays as it was", server_round, len(updates), self.min_fit_clients)
             self.rounds[server_round]["skipped"] = True
             return None, None
-        return super().aggregate_train(server_round, updates)
+        sent = self.current_arrays
+        arrays, metrics = super().aggregate_train(server_round, updates)
+        if self.server_adamw is not None:
+            arrays = ArrayRecord(self.server_adamw.step(sent.to_torch_state_dict(), arrays.to_torch_state_dict()))
+        return arrays, metrics
 
     def no_update_reason(self) -> str | None:
         """Why no round changed the global adapter (each had fewer than min_fit_clients updates), or None."""
@@ -506,6 +548,8 @@ class GlobalAdapter:
             "proximal_mu": fed.proximal_mu,
             "server_learning_rate": fed.server_learning_rate,
             "server_momentum": fed.server_momentum,
+            "server_optimizer": fed.server_optimizer,
+            "client_learning_rate": fed.client_learning_rate if fed.server_optimizer == "adamw" else None,
             "dp_noise_multiplier": fed.dp_noise_multiplier,
             "dp_clipping_norm": fed.dp_clipping_norm,
         }
@@ -583,13 +627,14 @@ def serve(grid, argv: list[str]) -> None:
     run.output_dir.mkdir(parents=True, exist_ok=True)
     server = GlobalAdapter(run)
     history = History(run.output_dir, server.base_bytes)
-    averaging = AdapterAveraging(fed.min_fit_clients, fed.proximal_mu, fed.server_learning_rate, fed.server_momentum)
+    initial = adapter_state(server.model)
+    averaging = AdapterAveraging(fed.min_fit_clients, fed.proximal_mu, fed.server_learning_rate, fed.server_momentum,
+                                 ServerAdamW(run.training, fed, initial) if fed.server_optimizer == "adamw" else None)
     strategy = averaging
     if fed.dp_noise_multiplier is not None:
         strategy = DifferentialPrivacyClientSideFixedClipping(
             averaging, fed.dp_noise_multiplier, fed.dp_clipping_norm, num_sampled_clients=fed.num_clients
         )
-    initial = adapter_state(server.model)
     logger.info("Global adapter: %d tensors, %d bytes; the base model stays at every site (%d bytes)",
                 len(initial), ArrayRecord(initial).count_bytes(), server.base_bytes)
 

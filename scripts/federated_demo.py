@@ -20,7 +20,8 @@ On the embedded default model and the project's sample data (data/train.json), f
            times, WORK_DIR/VARIANT/results.json and WORK_DIR/VARIANT/eval_loss.png
 Every run uses the same flags (batch, lengths, learning rate and schedule, seed, float32); a decaying
 schedule spans the federated run's rounds as it spans the centralised run's steps. The federated clients
-restart their optimizer each round, as FedAvg does.
+restart their optimizer each round, as FedAvg does; with --server_optimizer adamw the optimizer and its
+schedule are the server's and the clients take plain SGD steps.
 """
 
 import argparse
@@ -126,7 +127,7 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
     num_clients, steps_per_client = len(client_files), options.rounds * options.local_steps
     federated_argv = [
         "--partition", "files", "--client_files", ",".join(map(str, client_files)), "--num_clients", str(num_clients),
-        "--num_rounds", str(options.rounds), "--local_steps", str(options.local_steps),
+        "--num_rounds", str(options.rounds), "--local_steps", str(options.local_steps), "--server_optimizer", options.server_optimizer,
         "--validation_file", options.validation_file, "--output_dir", str(out / "federated"), *common,
         *(["--eval_generate"] if options.eval_generate else []),
     ]
@@ -192,6 +193,9 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate of every run")
     parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear", "cosine"],
                         help="the schedule of every run; a decaying one spans the federated run's rounds")
+    parser.add_argument("--server_optimizer", default="fedavgm", choices=["fedavgm", "adamw"],
+                        help="the federated server's step (train_federated.py --server_optimizer); adamw with "
+                        "--local_steps 1 is one AdamW step per round on the clients' mean gradient")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split and of every run")
     parser.add_argument("--eval_generate", action="store_true",
                         help="also ROUGE-L of greedy answers for every adapter (train_federated.py --eval_generate); slower")

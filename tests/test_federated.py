@@ -125,6 +125,81 @@ def test_the_server_step_follows_fedavgm(stamped_messages):
             assert not torch.allclose(received[name].double(), mean[name], atol=1e-3)  # not plain FedAvg
 
 
+def test_the_adamw_server_step_is_adam_on_the_mean_change_over_the_client_rate(stamped_messages, tmp_path):
+    """--server_optimizer adamw, two rounds, against Adam written out: g = (x - weighted mean) / client rate,
+    clipped to --max_grad_norm over all tensors; m, v with bias correction; decoupled weight decay; the
+    linear schedule over --num_rounds steps (rate, then half of it)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from config import FederatedArguments, TrainArguments
+    from fora.federated import AdapterAveraging, ServerAdamW
+
+    lr, client_lr, beta1, beta2, eps, decay, max_norm, counts = 0.1, 0.05, 0.8, 0.9, 1e-6, 0.01, 2.0, [3, 1]
+    training = TrainArguments(output_dir=str(tmp_path), report_to="none", learning_rate=lr, lr_scheduler_type="linear",
+                              adam_beta1=beta1, adam_beta2=beta2, adam_epsilon=eps, weight_decay=decay, max_grad_norm=max_norm)
+    fed = FederatedArguments(num_rounds=2, server_optimizer="adamw", client_learning_rate=client_lr)
+    start, *replies = random_states(5)
+    strategy = AdapterAveraging(min_fit_clients=2, proximal_mu=0.0, server_adamw=ServerAdamW(training, fed, start))
+    sent = {k: v.double() for k, v in start.items()}
+    m = {k: torch.zeros_like(v) for k, v in sent.items()}
+    v = {k: torch.zeros_like(x) for k, x in sent.items()}
+    norms = []
+    for step, (states, rate) in enumerate(((replies[:2], lr), (replies[2:], lr / 2)), start=1):
+        list(strategy.configure_train(step, ArrayRecord({k: x.float() for k, x in sent.items()}), ConfigRecord(), TwoNodes()))
+        arrays, _ = strategy.aggregate_train(step, [update(10 + i, i, n, s) for i, (n, s) in enumerate(zip(counts, states))])
+        mean = {k: sum(n * s[k].double() for n, s in zip(counts, states)) / sum(counts) for k in sent}
+        grad = {k: (sent[k] - mean[k]) / client_lr for k in sent}
+        norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grad.values())))
+        grad = {k: g * min(1.0, max_norm / (norms[-1] + 1e-6)) for k, g in grad.items()}
+        for k in sent:
+            m[k] = beta1 * m[k] + (1 - beta1) * grad[k]
+            v[k] = beta2 * v[k] + (1 - beta2) * grad[k] ** 2
+            adam = (m[k] / (1 - beta1**step)) / ((v[k] / (1 - beta2**step)).sqrt() + eps)
+            sent[k] = sent[k] * (1 - rate * decay) - rate * adam
+        received = arrays.to_torch_state_dict()
+        for name in sent:
+            torch.testing.assert_close(received[name].double(), sent[name], rtol=1e-5, atol=1e-6)
+    assert max(norms) > max_norm  # the clipping was exercised
+
+
+def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the_client_rate(tmp_path, tiny_model):
+    """Under --server_optimizer adamw a client takes plain SGD at --client_learning_rate: no AdamW, no clipping,
+    no schedule. One local step on a client whose file is one batch moves the adapter by -rate x the gradient of
+    the model's own loss on that batch, computed here by a plain forward and backward."""
+    from fora.federated import Site, adapter_state, parse
+    from fora.training import PaddingCollator
+
+    client_lr = 0.5
+    client_file = write_jsonl(tmp_path / "client.jsonl", train_records(4))
+    argv = ["--model_name_or_path", str(tiny_model), "--train_file", str(client_file), "--output_dir", str(tmp_path / "out"),
+            "--num_clients", "1", "--num_rounds", "3", "--local_steps", "1", "--per_device_train_batch_size", "4",
+            "--server_optimizer", "adamw", "--client_learning_rate", str(client_lr), "--learning_rate", "1e-3",
+            "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--max_grad_norm", "0.01",
+            "--lora_rank", "4", "--torch_dtype", "float32", "--report_to", "none"]
+    site = Site(parse(argv), None)
+    with torch.no_grad():  # an adapter away from its initial zeros, so every factor has a gradient
+        generator = torch.Generator().manual_seed(3)
+        for p in site.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    sent = adapter_state(site.model)
+    dataset = site.dataset(str(client_file))
+    batch = PaddingCollator.for_this_machine(site.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    site.model.train()
+    site.model.zero_grad()
+    site.model(**batch).loss.backward()
+    # PEFT's saved names are the parameters' without the adapter's name
+    gradient = {n.replace(".default", ""): p.grad.clone() for n, p in site.model.named_parameters() if p.requires_grad}
+    assert set(gradient) == set(sent)
+    assert math.sqrt(sum(float(g.pow(2).sum()) for g in gradient.values())) > 0.01  # clipping would have shown
+    site.model.zero_grad()
+
+    state, num_examples, _ = site.train(sent, str(client_file), server_round=2, proximal_mu=0.0)
+    assert num_examples == 4
+    for name in sent:
+        torch.testing.assert_close((sent[name] - state[name]) / client_lr, gradient[name], rtol=1e-4, atol=1e-6)
+
+
 def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_remain(flower_log):
     from fora.federated import AdapterAveraging
 
@@ -440,6 +515,8 @@ def test_fora_clients_on_a_4bit_base(tmp_path, tiny_model):
         ("no rounds", "--num_rounds must be at least 1, got 0"),
         ("field with too few values", "the field has 1 distinct values, fewer than --num_clients 2"),
         ("schedule driven by eval loss", "--lr_scheduler_type reduce_lr_on_plateau: clients do not evaluate"),
+        ("FedAvgM's rate with the adamw server", "--server_learning_rate and --server_momentum are FedAvgM's"),
+        ("differential privacy with the adamw server", "differential privacy goes with --server_optimizer fedavgm"),
     ],
 )
 def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, expected):
@@ -456,6 +533,12 @@ def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, 
         "field with too few values": ["--train_file", str(good), "--partition", "field:instruction"],
         "schedule driven by eval loss": [
             "--train_file", str(good), "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "steps"
+        ],
+        "FedAvgM's rate with the adamw server": [
+            "--train_file", str(good), "--server_optimizer", "adamw", "--server_learning_rate", "2"
+        ],
+        "differential privacy with the adamw server": [
+            "--train_file", str(good), "--server_optimizer", "adamw", "--dp_noise_multiplier", "1", "--dp_clipping_norm", "1"
         ],
     }[case]
     argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags]
@@ -559,7 +642,8 @@ def wait_for_supernodes(count: int, seconds: float, env: dict, processes: list) 
 
 def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
     """Three sites on loopback; site 2's node config names a data file it does not have, so its client
-    raises in every round: the log names it and each round goes on with the two others (--min_fit_clients 2)."""
+    raises in every round: the log names it and each round goes on with the two others (--min_fit_clients 2).
+    The server steps with AdamW (FedOpt), so its wiring runs for real here; the simulation above runs FedAvg."""
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -588,6 +672,7 @@ def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
                   f"partition-id={site} num-partitions=3 data-file='{data_file}' model-path='{tiny_model}'")
         wait_for_supernodes(3, 120, env, started)
         flags = (f"--model_name_or_path {tiny_model} --num_clients 3 --min_fit_clients 2 --num_rounds 2 --local_steps 2 "
+                 f"--server_optimizer adamw --client_learning_rate 0.1 "
                  f"--per_device_train_batch_size 4 --learning_rate 5e-3 --lora_rank 4 --max_source_length 64 "
                  f"--max_target_length 32 --validation_file {validation} --output_dir {out} --report_to none")
         result = subprocess.run(
@@ -603,7 +688,8 @@ def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
             assert dropped.startswith("client 2 failed: ") and "missing.jsonl" in dropped, dropped
         assert f"round 1: {history['rounds'][1]['dropped'][0]}" in result.stdout + result.stderr
         assert history["rounds"][2]["eval_loss"] < history["rounds"][0]["eval_loss"]
-        assert (out / "round-2" / "adapter_model.safetensors").is_file() and (out / "fora_run.json").is_file()
+        assert (out / "round-2" / "adapter_model.safetensors").is_file()
+        assert json.loads((out / "fora_run.json").read_text())["federated"]["server_optimizer"] == "adamw"
     finally:
         stop_processes(started)
     assert all(p.poll() is not None for p in started)
