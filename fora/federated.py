@@ -285,10 +285,14 @@ class Site:
         fed = self.run.federated
         with tempfile.TemporaryDirectory(prefix="fora-client-") as work_dir:
             args = local_training_args(self.run.training, fed, work_dir, server_round)
+            records = dataset
+            if fed.local_steps is not None:
+                per_round = fed.local_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+                records = dataset.select(round_indices(len(dataset), per_round, server_round, self.run.training.seed))
             trainer = ClientTrainer(
                 model=self.model,
                 args=args,
-                train_dataset=dataset,
+                train_dataset=records,
                 data_collator=PaddingCollator.for_this_machine(self.tokenizer.pad_token_id),
                 processing_class=self.tokenizer,
                 server_round=server_round,
@@ -297,6 +301,19 @@ class Site:
             )
             result = trainer.train()
         return adapter_state(self.model), len(dataset), result.training_loss
+
+
+def round_indices(num_records: int, per_round: int, server_round: int, seed: int) -> list[int]:
+    """The records of a client's round: slice r of one stream of seeded shuffled passes over its data, so
+    the rounds go through every record before any repeats, as train_lora.py's epochs do (a fresh shuffle
+    per round would draw with replacement across rounds and leave some records unseen)."""
+    start = (server_round - 1) * per_round
+    first_pass, offset = divmod(start, num_records)
+    stream: list[int] = []
+    while len(stream) < offset + per_round:
+        generator = torch.Generator().manual_seed(seed + first_pass + len(stream) // num_records)
+        stream += torch.randperm(num_records, generator=generator).tolist()
+    return stream[offset:offset + per_round]
 
 
 def local_training_args(training, fed: FederatedArguments, work_dir: str, server_round: int):

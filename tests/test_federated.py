@@ -164,17 +164,18 @@ def test_the_adamw_server_step_is_adam_on_the_mean_change_over_the_client_rate(s
 
 def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the_client_rate(tmp_path, tiny_model):
     """Under --server_optimizer adamw a client takes plain SGD at --client_learning_rate: no AdamW, no clipping,
-    no schedule. One local step on a client whose file is one batch moves the adapter by -rate x the gradient of
-    the model's own loss on that batch, computed here by a plain forward and backward."""
-    from fora.federated import Site, adapter_state, parse
+    no schedule. One local step moves the adapter by -rate x the gradient of the model's own loss on the
+    round's batch, computed here by a plain forward and backward; rounds 1 and 2 take the two halves of the
+    client's 8 records."""
+    from fora.federated import Site, adapter_state, load_adapter_state, parse, round_indices
     from fora.training import PaddingCollator
 
-    client_lr = 0.5
-    client_file = write_jsonl(tmp_path / "client.jsonl", train_records(4))
+    client_lr, seed = 0.5, 42
+    client_file = write_jsonl(tmp_path / "client.jsonl", train_records(8))
     argv = ["--model_name_or_path", str(tiny_model), "--train_file", str(client_file), "--output_dir", str(tmp_path / "out"),
             "--num_clients", "1", "--num_rounds", "3", "--local_steps", "1", "--per_device_train_batch_size", "4",
             "--server_optimizer", "adamw", "--client_learning_rate", str(client_lr), "--learning_rate", "1e-3",
-            "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--max_grad_norm", "0.01",
+            "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--max_grad_norm", "0.01", "--seed", str(seed),
             "--lora_rank", "4", "--torch_dtype", "float32", "--report_to", "none"]
     site = Site(parse(argv), None)
     with torch.no_grad():  # an adapter away from its initial zeros, so every factor has a gradient
@@ -184,20 +185,44 @@ def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the
                 p.add_(torch.randn(p.shape, generator=generator) * 0.05)
     sent = adapter_state(site.model)
     dataset = site.dataset(str(client_file))
-    batch = PaddingCollator.for_this_machine(site.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
-    site.model.train()
-    site.model.zero_grad()
-    site.model(**batch).loss.backward()
-    # PEFT's saved names are the parameters' without the adapter's name
-    gradient = {n.replace(".default", ""): p.grad.clone() for n, p in site.model.named_parameters() if p.requires_grad}
-    assert set(gradient) == set(sent)
-    assert math.sqrt(sum(float(g.pow(2).sum()) for g in gradient.values())) > 0.01  # clipping would have shown
-    site.model.zero_grad()
+    collate = PaddingCollator.for_this_machine(site.tokenizer.pad_token_id)
 
-    state, num_examples, _ = site.train(sent, str(client_file), server_round=2, proximal_mu=0.0)
-    assert num_examples == 4
-    for name in sent:
-        torch.testing.assert_close((sent[name] - state[name]) / client_lr, gradient[name], rtol=1e-4, atol=1e-6)
+    def gradient_on(records: list[int]) -> dict:
+        load_adapter_state(site.model, sent)  # as each round starts
+        site.model.train()
+        site.model.zero_grad()
+        site.model(**collate([dataset[i] for i in records])).loss.backward()
+        # PEFT's saved names are the parameters' without the adapter's name
+        gradient = {n.replace(".default", ""): p.grad.clone() for n, p in site.model.named_parameters() if p.requires_grad}
+        site.model.zero_grad()
+        return gradient
+
+    halves = [round_indices(8, 4, server_round, seed) for server_round in (1, 2)]
+    assert sorted(halves[0] + halves[1]) == list(range(8))
+    for server_round, records in zip((1, 2), halves):
+        gradient = gradient_on(records)
+        assert set(gradient) == set(sent)
+        assert math.sqrt(sum(float(g.pow(2).sum()) for g in gradient.values())) > 0.01  # clipping would have shown
+        state, num_examples, _ = site.train(sent, str(client_file), server_round=server_round, proximal_mu=0.0)
+        assert num_examples == 8
+        for name in sent:
+            torch.testing.assert_close((sent[name] - state[name]) / client_lr, gradient[name], rtol=1e-4, atol=1e-6)
+
+
+def test_client_rounds_go_through_every_record_before_any_repeats():
+    """Round r takes records (r-1)*k .. r*k-1 of one stream of seeded shuffled passes: every pass is a
+    permutation, passes differ, a round may straddle two passes, and the same seed gives the same stream."""
+    from fora.federated import round_indices
+
+    num_records, per_round = 10, 4
+    stream = [i for r in range(1, 11) for i in round_indices(num_records, per_round, r, seed=7)]
+    passes = [stream[i:i + num_records] for i in range(0, len(stream), num_records)]
+    assert all(sorted(p) == list(range(num_records)) for p in passes)
+    assert passes[0] != passes[1]
+    assert round_indices(num_records, per_round, 3, seed=7) == passes[0][8:] + passes[1][:2]
+    assert round_indices(num_records, per_round, 3, seed=7) != round_indices(num_records, per_round, 3, seed=8)
+    fewer_records_than_a_round = round_indices(3, 4, 1, seed=7)
+    assert len(fewer_records_than_a_round) == 4 and sorted(fewer_records_than_a_round[:3]) == [0, 1, 2]
 
 
 def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_remain(flower_log):
