@@ -287,7 +287,7 @@ class Site:
             args = local_training_args(self.run.training, fed, work_dir, server_round)
             records = dataset
             if fed.local_steps is not None:
-                per_round = fed.local_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+                per_round = fed.local_steps * args.train_batch_size * args.gradient_accumulation_steps
                 records = dataset.select(round_indices(len(dataset), per_round, server_round, self.run.training.seed))
             trainer = ClientTrainer(
                 model=self.model,
@@ -317,9 +317,10 @@ def round_indices(num_records: int, per_round: int, server_round: int, seed: int
 
 
 def local_training_args(training, fed: FederatedArguments, work_dir: str, server_round: int):
-    """The run's TrainArguments for one round of local training: its length, and a seed per round so
-    every round draws other batches. Under --server_optimizer adamw the run's optimizer is the server's,
-    so a client takes plain, unclipped SGD steps at the constant --client_learning_rate."""
+    """The run's TrainArguments for one round of local training: its length, and a seed per round for
+    the order within the round's records (which records, `round_indices` decides). Under
+    --server_optimizer adamw the run's optimizer is the server's, so a client takes plain, unclipped
+    SGD steps at the constant --client_learning_rate."""
     args = quiet_training_args(training, work_dir)
     args.max_steps = fed.local_steps if fed.local_steps is not None else -1
     args.num_train_epochs = fed.local_epochs if fed.local_epochs is not None else args.num_train_epochs
