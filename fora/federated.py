@@ -305,8 +305,9 @@ class Site:
 
 def round_indices(num_records: int, per_round: int, server_round: int, seed: int) -> list[int]:
     """The records of a client's round: slice r of one stream of seeded shuffled passes over its data, so
-    the rounds go through every record before any repeats, as train_lora.py's epochs do (a fresh shuffle
-    per round would draw with replacement across rounds and leave some records unseen)."""
+    the rounds go through every record before any repeats, as train_lora.py's epochs do. Taking a round's
+    first batches of a fresh order instead would draw with replacement and, under --group_by_length, always
+    take the client's longest records (transformers puts the longest first)."""
     start = (server_round - 1) * per_round
     first_pass, offset = divmod(start, num_records)
     stream: list[int] = []
