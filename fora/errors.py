@@ -3,6 +3,7 @@
 Raised with a one-line message that names the file, the record or line, and the field or flag;
 caught once, at the entry point, which prints it and exits non-zero. Anything else is a bug and
 keeps its traceback. `read_json` and `utf8_text` read the files a user names and raise it.
+`note_once` prints the one-line note a fallback gives the first time it is taken.
 """
 
 import json
@@ -51,3 +52,13 @@ def exit_on_user_error(main: Callable[[], object]) -> None:
     except UserError as error:
         tqdm.write(f"error: {error}", file=sys.stderr)  # on a line of its own, also when a progress bar is open
         sys.exit(2)
+
+
+_noted: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    """Print `message` to stderr, the first time this process is given it."""
+    if message not in _noted:
+        _noted.add(message)
+        print(message, file=sys.stderr)

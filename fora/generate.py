@@ -13,13 +13,13 @@ budget in the batch is spent (KV cache on). Beam search with budgets that differ
 searches to the largest one, then cuts, so it may differ from one-at-a-time."""
 
 import copy
-import sys
 
 import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from fora.data import Conversation, encode, render_turns
+from fora.errors import note_once
 
 
 def build_prompt(
@@ -119,7 +119,7 @@ def generate_ids(
         # generate() cannot widen a given cache for beams, so beam search takes the plain path.
         use_prefix = config.num_beams == 1 and takes_reserved_cache(model)
         if config.num_beams == 1 and not use_prefix:
-            _say_once(f"note: {model.config.model_type}: generating with left-padded batches, without the shared-prefix "
+            note_once(f"note: {model.config.model_type}: generating with left-padded batches, without the shared-prefix "
                       "and reserved-cache fast path (proven for transformers' own full-attention models only)")
         shared = SharedPrefix.encode(model, prompts, device) if use_prefix else None
         for start in range(0, len(order), batch_size):
@@ -145,15 +145,6 @@ def generate_ids(
                 results[index] = new[:cut]
             bar.update(len(rows))
     return results
-
-
-_said: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        print(message, file=sys.stderr)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fora import compat
-from fora.errors import UserError, read_json
+from fora.errors import UserError, note_once, read_json
 from fora.run import RUN_FILE, RunRecord, inference_dtype, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,6 +130,7 @@ def load_model(
             if model is None:  # remote code, .bin or pre-quantized checkpoints: transformers' own loading
                 model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
                 _copy_out_of_checkpoint(model)
+            keep_4bit_layers_on_the_plain_path(model)
             return model
         return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as error:
@@ -137,6 +138,22 @@ def load_model(
     finally:
         if quantization_bit:
             release_freed_memory()
+
+
+def keep_4bit_layers_on_the_plain_path(model) -> None:
+    """Turn off bitsandbytes' packed inference path for 4-bit layers on CPUs with AVX512-BF16.
+
+    At a layer's first eval-mode forward that path repacks its weight and rounds its scales to bf16, then
+    multiplies in bf16 whatever the compute dtype; whenever the state dict is read (every adapter save or
+    load) it converts back and re-quantizes the scales. Inference then differed from the training forward
+    and the base drifted with every adapter loaded, so the layers keep the plain path (said once).
+    """
+    packing = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in packing:
+        layer.support_avx512bf16_for_cpu = False
+    if packing:
+        note_once("note: bitsandbytes' packed bf16 path for 4-bit layers on this CPU is off: it is not equal to the "
+                  "plain one (bf16 scales and products) and re-quantizes the base whenever its state is read")
 
 
 def _pread_state_dict(model_path: str, stack):

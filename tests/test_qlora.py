@@ -11,7 +11,7 @@ from torch import nn
 
 from config import FinetuningArguments
 from conftest import REPO, run_script
-from fora import modeling
+from fora import errors, modeling
 from fora.run import cpu_has_bf16
 from fusion_lora import ForaLinear4bit
 from train_qlora import PAGED_OPTIMIZER, with_paged_optimizer
@@ -54,6 +54,29 @@ def test_pread_loading_equals_transformers_own(tiny_model, monkeypatch):
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_4bit_inference_is_the_training_forward_and_reading_the_state_leaves_the_base_alone(tiny_model, monkeypatch, capsys):
+    """bitsandbytes, on CPUs with AVX512-BF16, repacks a 4-bit layer at its first eval-mode forward (then
+    computing in bf16 with bf16 scales, whatever the compute dtype) and re-quantizes the scales whenever
+    the state dict is read: scores then drifted each time an adapter was loaded. load_model turns that
+    off, saying so once; on other CPUs there is nothing to turn off."""
+    monkeypatch.setattr(errors, "_noted", set())
+    modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    model = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    assert capsys.readouterr().err.count("packed bf16 path") == (1 if bnb.functional.has_avx512bf16() else 0)
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 2]])
+    with torch.no_grad():
+        model.train()  # the training forward (the tiny model has no dropout)
+        trained = model(input_ids=ids).logits
+        model.eval()
+        first = model(input_ids=ids).logits
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        again = model(input_ids=ids).logits
+    assert torch.equal(first, trained) and torch.equal(again, first)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "fora"])
@@ -100,7 +123,7 @@ def test_8bit_path_loads_int8_layers(tiny_model):
 MMAP_PROBE = """
 import ctypes, sys, torch
 from config import ModelArguments, parse_args
-from fora import modeling
+from fora import errors, modeling
 (args,) = parse_args((ModelArguments,), sys.argv[2:])
 modeling.load_model(sys.argv[1], torch.float32, quantization_bit=4, unmap_freed_memory=args.unmap_freed_memory)
 class MallInfo2(ctypes.Structure):
