@@ -1,7 +1,9 @@
 """Federated demo: is the federated adapter as good as a centralised one, and better than each site alone?
 
-    nice python scripts/federated_demo.py                          # LoRA, 3 clients x 5 rounds x 6 local steps
-    nice python scripts/federated_demo.py --variants lora,fora,qlora
+    nice python scripts/federated_demo.py                          # LoRA, 3 clients, AdamW server, 60 rounds x 1 local step
+    nice python scripts/federated_demo.py --variants fora          # the same for FoRA
+    nice python scripts/federated_demo.py --variants qlora --rounds 20
+    nice python scripts/federated_demo.py --server_optimizer fedavgm --rounds 10 --local_steps 6   # plain FedAvg
 
 On the embedded default model and the project's sample data (data/train.json), for every variant:
   split    the training records non-IID across the clients by relation type: each record goes to the client
@@ -21,9 +23,9 @@ On the embedded default model and the project's sample data (data/train.json), f
   report   a table with the ratios federated / centralised (both runs) and federated / best client alone, the run
            times, WORK_DIR/VARIANT/results.json and WORK_DIR/VARIANT/eval_loss.png
 Every run uses the same flags (batch, lengths, learning rate and schedule, seed, float32); a decaying
-schedule spans the federated run's rounds as it spans the centralised run's steps. The federated clients
-restart their optimizer each round, as FedAvg does; with --server_optimizer adamw the optimizer and its
-schedule are the server's and the clients take plain SGD steps.
+schedule spans the federated run's rounds as it spans the centralised run's steps. With the default
+--server_optimizer adamw the optimizer and its schedule are the server's and the clients take plain SGD
+steps; with fedavgm the clients restart their own optimizer each round, as FedAvg does.
 """
 
 import argparse
@@ -204,13 +206,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="lora", help="comma-separated: lora, fora, qlora")
     parser.add_argument("--clients", type=int, default=3, help="sites to split the training records across, non-IID by relation")
-    parser.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    parser.add_argument("--local_steps", type=int, default=6, help="optimizer steps of each client per round")
+    parser.add_argument("--rounds", type=int, default=60, help="federated rounds")
+    parser.add_argument("--local_steps", type=int, default=1, help="optimizer steps of each client per round")
     parser.add_argument("--batch_size", type=int, default=4, help="per-step batch of every run")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate of every run")
-    parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear", "cosine"],
+    parser.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate of every run")
+    parser.add_argument("--lr_scheduler_type", default="cosine", choices=["constant", "linear", "cosine"],
                         help="the schedule of every run; a decaying one spans the federated run's rounds")
-    parser.add_argument("--server_optimizer", default="fedavgm", choices=["fedavgm", "adamw"],
+    parser.add_argument("--server_optimizer", default="adamw", choices=["fedavgm", "adamw"],
                         help="the federated server's step (train_federated.py --server_optimizer); adamw with "
                         "--local_steps 1 is one AdamW step per round on the clients' mean gradient")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split and of every run")
