@@ -123,7 +123,7 @@ def test_8bit_path_loads_int8_layers(tiny_model):
 MMAP_PROBE = """
 import ctypes, sys, torch
 from config import ModelArguments, parse_args
-from fora import errors, modeling
+from fora import modeling
 (args,) = parse_args((ModelArguments,), sys.argv[2:])
 modeling.load_model(sys.argv[1], torch.float32, quantization_bit=4, unmap_freed_memory=args.unmap_freed_memory)
 class MallInfo2(ctypes.Structure):
