@@ -233,7 +233,11 @@ def _adapt_model_class(cls) -> None:
     from transformers import GenerationMixin
 
     cls.__init__ = _init_with_post_init(cls.__init__)
-    if "prepare_inputs_for_generation" in vars(cls) and not issubclass(cls, GenerationMixin):
+    # Only a class that defines its own generation step generates; others (ChatGLM's sequence classifier takes
+    # `past_key_values` too) are adapted for what they have, and a subclass inherits its parent's adaptation.
+    if "prepare_inputs_for_generation" not in vars(cls):
+        return
+    if not issubclass(cls, GenerationMixin):
         cls.__bases__ = (*cls.__bases__, GenerationMixin)  # PreTrainedModel brought `generate` until 4.50
     if "past_key_values" in inspect.signature(cls.forward).parameters:
         cls._supports_default_dynamic_cache = classmethod(lambda klass: False)
