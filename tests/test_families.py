@@ -18,6 +18,7 @@ from fora.templates import Segment, get_template
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import families  # noqa: E402  (tests/fixtures/families.py)
+import shape  # noqa: E402  (tests/fixtures/shape.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,6 +79,56 @@ def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_f
     assert response == sp.encode(ANSWER) + [sp.eos_id()]
     ids, labels, _ = data.encode([Segment(prompt, response)], 512, 512)
     assert ids == prompt + response and labels == [-100] * len(prompt) + response
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_fixture_carries_the_published_shape(family, family_folders):
+    """The fixture has every class of the published files, with their bases and every method's signature,
+    and the published JSON files' keys and auto_map (recorded from the published repository in published.json)."""
+    published = json.loads((families.fixture_dir(family) / "published.json").read_text(encoding="utf-8"))
+    built = shape.folder_shape(family_folders[family])
+    assert sorted(built["python"]) == sorted(published["python"]), "the fixture's Python files are the published ones"
+    for name, expected in published["python"].items():
+        classes = built["python"][name]["classes"]
+        assert sorted(classes) == sorted(expected["classes"]), name
+        for cls, published_class in expected["classes"].items():
+            assert classes[cls] == published_class, f"{name}: {cls}"
+    for name, expected in published["json"].items():
+        assert built["json"].get(name) == expected, name
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_every_class_auto_map_names_loads(family, family_folders):
+    """Through the Auto class it is named under: the config, each tokenizer (slow and fast where named), and
+    every model class, loaded from the fixture's weights and run forward."""
+    import transformers
+
+    from fora import compat
+
+    folder = family_folders[family]
+    compat.prepare_remote_code(str(folder), trust_remote_code=True)
+    entries = compat.auto_map(str(folder))
+    assert entries, "a remote-code fixture names its classes in auto_map"
+    ids = None
+    for auto_name, reference in sorted(entries.items()):
+        auto = getattr(transformers, auto_name)
+        if auto_name == "AutoConfig":
+            loaded = [auto.from_pretrained(folder, trust_remote_code=True)]
+        elif auto_name == "AutoTokenizer":
+            references = reference if isinstance(reference, list) else [reference, None]
+            loaded = [auto.from_pretrained(folder, trust_remote_code=True, use_fast=fast)
+                      for fast, name in zip((False, True), references) if name]
+            encodings = {tuple(compat.adapt_tokenizer(t).encode(QUESTION, add_special_tokens=False)) for t in loaded}
+            assert len(encodings) == 1, "the slow and the fast tokenizer encode alike"
+            ids = list(encodings.pop())
+        else:
+            loaded = [auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()]
+        names = [reference] if isinstance(reference, str) else [name for name in reference if name]
+        assert [type(instance).__name__ for instance in loaded] == [name.rsplit(".", 1)[-1] for name in names]
+        if auto_name.startswith("AutoModel"):
+            with torch.no_grad():
+                output = loaded[0](input_ids=torch.tensor([ids or [5, 6, 7]]))
+            assert torch.isfinite(output[0]).all(), auto_name
 
 
 def greedy_without_cache(model, prompt: list[int], budget: int, stop: list[int]) -> list[int]:
