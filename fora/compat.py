@@ -27,6 +27,13 @@ Model classes
   configs: present, with their 4.x defaults, while `__init__` runs only (transformers 5 refuses to save
   or generate with a config holding them).
 - `__init__` that never calls `post_init()` (ChatGLM): called after it.
+- a parameter `__init__` builds in a hard-coded floating dtype (ChatGLM's sequence-classification head
+  is always float16): given the dtype the model is built in (`config.dtype`, which transformers also
+  makes torch's default while building), so a model loaded in float32 runs in float32 throughout.
+- `_init_weights` of its own (ChatGLM's does nothing): transformers 5 builds a model on the meta device, so
+  a module whose weights the checkpoint lacks (that sequence-classification head) holds only what
+  `_init_weights` gives it, uninitialised memory here. The module's own `reset_parameters()` runs first,
+  as its construction did under 4.x; the model's `_init_weights` then does what it does.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
   for them and passes the model's tuples back under the old name; the removed
   `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
@@ -230,9 +237,11 @@ def _adapt_config_class(cls) -> None:
 
 
 def _adapt_model_class(cls) -> None:
-    from transformers import GenerationMixin
+    from transformers import GenerationMixin, PreTrainedModel
 
     cls.__init__ = _init_with_post_init(cls.__init__)
+    if cls._init_weights is not PreTrainedModel._init_weights and not hasattr(cls._init_weights, "_fora_resets"):
+        cls._init_weights = _init_weights_after_reset(cls._init_weights)
     # Only a class that defines its own generation step generates; others (ChatGLM's sequence classifier takes
     # `past_key_values` too) are adapted for what they have, and a subclass inherits its parent's adaptation.
     if "prepare_inputs_for_generation" not in vars(cls):
@@ -271,8 +280,39 @@ def _init_with_post_init(init):
             self.generation_config = GenerationConfig.from_model_config(config)
         if not hasattr(self, "all_tied_weights_keys"):  # the remote __init__ skipped post_init()
             self.post_init()
+        _parameters_in_build_dtype(self)
 
     return __init__
+
+
+def _init_weights_after_reset(init_weights):
+    @functools.wraps(init_weights)
+    def _init_weights(self, module):
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()  # torch's own initialisation, which 4.x gave every module when it was built
+        return init_weights(self, module)
+
+    _init_weights._fora_resets = True
+    return _init_weights
+
+
+def _parameters_in_build_dtype(model) -> None:
+    """Floating parameters built in another dtype than the model's (`config.dtype`) are converted to it;
+    modules the class keeps in float32 (`_keep_in_fp32_modules`) are left alone."""
+    import torch
+
+    dtype = getattr(model.config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return
+    kept = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if kept.intersection(name.split(".")):
+            continue
+        for key, param in list(module.named_parameters(recurse=False)):
+            if param.is_floating_point() and param.dtype != dtype:
+                module._parameters[key] = torch.nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
 
 
 def _prepare_legacy_inputs(prepare):
