@@ -34,6 +34,8 @@ Model classes
   a module whose weights the checkpoint lacks (that sequence-classification head) holds only what
   `_init_weights` gives it, uninitialised memory here. The module's own `reset_parameters()` runs first,
   as its construction did under 4.x; the model's `_init_weights` then does what it does.
+- `gradient_checkpointing_enable` of its own (ChatGLM3's takes only `gradient_checkpointing_kwargs`):
+  transformers 5 calls it with `every_n_layers` and `offload` too; it gets the arguments it takes.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
   for them and passes the model's tuples back under the old name; the removed
   `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
@@ -242,6 +244,9 @@ def _adapt_model_class(cls) -> None:
     cls.__init__ = _init_with_post_init(cls.__init__)
     if cls._init_weights is not PreTrainedModel._init_weights and not hasattr(cls._init_weights, "_fora_resets"):
         cls._init_weights = _init_weights_after_reset(cls._init_weights)
+    enable = cls.gradient_checkpointing_enable
+    if enable is not PreTrainedModel.gradient_checkpointing_enable and not hasattr(enable, "_fora_own_arguments"):
+        cls.gradient_checkpointing_enable = _with_its_own_arguments(enable)
     # Only a class that defines its own generation step generates; others (ChatGLM's sequence classifier takes
     # `past_key_values` too) are adapted for what they have, and a subclass inherits its parent's adaptation.
     if "prepare_inputs_for_generation" not in vars(cls):
@@ -295,6 +300,20 @@ def _init_weights_after_reset(init_weights):
 
     _init_weights._fora_resets = True
     return _init_weights
+
+
+def _with_its_own_arguments(method):
+    """`method` called with only the keyword arguments its signature names (all of them if it takes **kwargs)."""
+    parameters = inspect.signature(method).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return method
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        return method(self, *args, **{key: value for key, value in kwargs.items() if key in parameters})
+
+    wrapped._fora_own_arguments = True
+    return wrapped
 
 
 def _parameters_in_build_dtype(model) -> None:

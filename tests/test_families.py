@@ -126,6 +126,8 @@ def test_every_class_auto_map_names_loads(family, family_folders):
         names = [reference] if isinstance(reference, str) else [name for name in reference if name]
         assert [type(instance).__name__ for instance in loaded] == [name.rsplit(".", 1)[-1] for name in names]
         if auto_name.startswith("AutoModel"):
+            # in the dtype asked for, also what the remote __init__ builds in a dtype of its own (ChatGLM's float16 head)
+            assert {p.dtype for p in loaded[0].parameters() if p.is_floating_point()} == {torch.float32}, auto_name
             with torch.no_grad():
                 output = loaded[0](input_ids=torch.tensor([ids or [5, 6, 7]]))
             assert torch.isfinite(output[0]).all(), auto_name
@@ -232,6 +234,20 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
     error = ((merged_logits - unmerged).abs().max() / unmerged.abs().max()).item()
     assert error < (2e-3 if bits else 1e-5), error
     assert (merged_logits - plain).abs().max() > 100 * (merged_logits - unmerged).abs().max()  # the adapter shows
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_gradient_checkpointing_trains(family, family_folders, train_file, tmp_path):
+    """--gradient_checkpointing reaches the family's own checkpointing code (ChatGLM2's `_set_gradient_checkpointing(module,
+    value)`, ChatGLM3's `gradient_checkpointing_enable` override, which takes fewer arguments than transformers 5 passes)."""
+    import train_lora
+
+    train_lora.main([
+        "--train_file", str(train_file), "--model_name_or_path", str(family_folders[family]), "--trust_remote_code",
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "2", "--lora_rank", "2",
+        "--save_strategy", "no", "--report_to", "none", "--torch_dtype", "float32", "--gradient_checkpointing",
+    ])
+    assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
 def one_line_error(call) -> str:
