@@ -21,6 +21,10 @@ Config classes
 - `use_cache`, read by the modeling code, gone from transformers 5 configs: a class default (True, as in
   4.x). A depth named `num_layers` (ChatGLM) needs no `num_hidden_layers`: nothing builds a Cache from it.
 Model classes
+- tensors `__init__` computes and keeps as plain attributes (Baichuan2-7B's rotary cos/sin caches), which
+  no checkpoint holds: transformers 5 builds the model under `torch.device("meta")`, so they stayed
+  without data ("Cannot copy out of meta tensor"); as 4.x did, a remote class is built with only its
+  parameters on the meta device (accelerate's `init_empty_weights`), the rest computed on the CPU.
 - a generative class (its own `prepare_inputs_for_generation`) that does not inherit `GenerationMixin`,
   which `PreTrainedModel` no longer brings: given it as a last base, so `generate` exists.
 - generation fields (`max_length`, ...) read from the config by `__init__` but gone from transformers 5
@@ -232,7 +236,7 @@ def _adapt_config_class(cls) -> None:
 def _adapt_model_class(cls) -> None:
     from transformers import GenerationMixin
 
-    cls.__init__ = _init_with_post_init(cls.__init__)
+    cls.__init__ = _init_with_real_tensors(_init_with_post_init(cls.__init__))
     # Only a class that defines its own generation step generates; others (ChatGLM's sequence classifier takes
     # `past_key_values` too) are adapted for what they have, and a subclass inherits its parent's adaptation.
     if "prepare_inputs_for_generation" not in vars(cls):
@@ -246,6 +250,25 @@ def _adapt_model_class(cls) -> None:
             cls._extract_past_from_model_output = _extract_past_from_model_output
         if "_update_model_kwargs_for_generation" in vars(cls):
             cls._update_model_kwargs_for_generation = _update_without_empty_inputs(cls._update_model_kwargs_for_generation)
+
+
+def _init_with_real_tensors(init):
+    """`__init__` that, under transformers 5's meta-device build, puts only the parameters on the meta device."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        import torch
+
+        if torch.get_default_device().type != "meta":  # built for real, or already inside this wrapper
+            return init(self, *args, **kwargs)
+        from accelerate import init_empty_weights
+
+        # Tensors computed here and kept outside parameters and buffers (Baichuan2-7B's rotary cos/sin caches)
+        # are never in the checkpoint: built on meta, they would stay without data. 4.x built them for real.
+        with torch.device("cpu"), init_empty_weights(include_buffers=False):
+            return init(self, *args, **kwargs)
+
+    return __init__
 
 
 def _init_with_post_init(init):
