@@ -31,6 +31,9 @@ Model classes
   configs: present, with their 4.x defaults, while `__init__` runs only (transformers 5 refuses to save
   or generate with a config holding them).
 - `__init__` that never calls `post_init()` (ChatGLM): called after it.
+- `position_ids`, which transformers 5's generate passes for the whole sequence so far (4.x passed none),
+  taken as given by a model's own `prepare_inputs_for_generation` (Baichuan2-7B uses them only when it has
+  none to derive): cut to the positions of the step's input, as generate's own preparation does.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
   for them and passes the model's tuples back under the old name; the removed
   `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
@@ -243,6 +246,8 @@ def _adapt_model_class(cls) -> None:
         return
     if not issubclass(cls, GenerationMixin):
         cls.__bases__ = (*cls.__bases__, GenerationMixin)  # PreTrainedModel brought `generate` until 4.50
+    if "position_ids" in inspect.signature(cls.forward).parameters:
+        cls.prepare_inputs_for_generation = _prepare_step_positions(cls.prepare_inputs_for_generation)
     if "past_key_values" in inspect.signature(cls.forward).parameters:
         cls._supports_default_dynamic_cache = classmethod(lambda klass: False)
         cls.prepare_inputs_for_generation = _prepare_legacy_inputs(cls.prepare_inputs_for_generation)
@@ -307,6 +312,22 @@ def _prepare_legacy_inputs(prepare):
             kwargs["past_key_values"] = cache
         kwargs.pop("next_sequence_length", None)
         return prepare(self, input_ids, *args, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
+def _prepare_step_positions(prepare):
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = prepare(self, *args, **kwargs)
+        # transformers 5's generate passes `position_ids` for the whole sequence so far (4.x passed none); a
+        # model's own step that takes them as given (Baichuan2-7B) gets the last ones, as generate's own does.
+        positions, ids = inputs.get("position_ids"), inputs.get("input_ids")
+        if ids is None:
+            ids = inputs.get("inputs_embeds")
+        if positions is not None and ids is not None and positions.shape[-1] > ids.shape[1]:
+            inputs["position_ids"] = positions[..., -ids.shape[1]:]
+        return inputs
 
     return prepare_inputs_for_generation
 
