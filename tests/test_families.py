@@ -109,23 +109,23 @@ def test_every_class_auto_map_names_loads(family, family_folders):
     from fora import compat
 
     folder = family_folders[family]
-    compat.prepare_remote_code(str(folder), trust_remote_code=True)
+    compat.prepare_remote_code(str(folder), trust_remote_code=families.OWN_CODE)
     entries = compat.auto_map(str(folder))
     assert entries, "a remote-code fixture names its classes in auto_map"
     ids = None
     for auto_name, reference in sorted(entries.items()):
         auto = getattr(transformers, auto_name)
         if auto_name == "AutoConfig":
-            loaded = [auto.from_pretrained(folder, trust_remote_code=True)]
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE)]
         elif auto_name == "AutoTokenizer":
             references = reference if isinstance(reference, list) else [reference, None]
-            loaded = [auto.from_pretrained(folder, trust_remote_code=True, use_fast=fast)
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, use_fast=fast)
                       for fast, name in zip((False, True), references) if name]
             encodings = {tuple(compat.adapt_tokenizer(t).encode(QUESTION, add_special_tokens=False)) for t in loaded}
             assert len(encodings) == 1, "the slow and the fast tokenizer encode alike"
             ids = list(encodings.pop())
         else:
-            loaded = [auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()]
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, dtype=torch.float32).eval()]
         names = [reference] if isinstance(reference, str) else [name for name in reference if name]
         assert [type(instance).__name__ for instance in loaded] == [name.rsplit(".", 1)[-1] for name in names]
         if auto_name.startswith("AutoModel"):
