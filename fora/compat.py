@@ -21,6 +21,10 @@ Config classes
 - `use_cache`, read by the modeling code, gone from transformers 5 configs: a class default (True, as in
   4.x). A depth named `num_layers` (ChatGLM) needs no `num_hidden_layers`: nothing builds a Cache from it.
 Model classes
+- tensors `__init__` computes and keeps as plain attributes (Baichuan2-7B's rotary cos/sin caches), which
+  no checkpoint holds: transformers 5 builds the model under `torch.device("meta")`, so they stayed
+  without data ("Cannot copy out of meta tensor"); as 4.x did, a remote class is built with only its
+  parameters on the meta device (accelerate's `init_empty_weights`), the rest computed on the CPU.
 - a generative class (its own `prepare_inputs_for_generation`) that does not inherit `GenerationMixin`,
   which `PreTrainedModel` no longer brings: given it as a last base, so `generate` exists.
 - generation fields (`max_length`, ...) read from the config by `__init__` but gone from transformers 5
@@ -36,6 +40,9 @@ Model classes
   as its construction did under 4.x; the model's `_init_weights` then does what it does.
 - `gradient_checkpointing_enable` of its own (ChatGLM3's takes only `gradient_checkpointing_kwargs`):
   transformers 5 calls it with `every_n_layers` and `offload` too; it gets the arguments it takes.
+- `position_ids`, which transformers 5's generate passes for the whole sequence so far (4.x passed none),
+  taken as given by a model's own `prepare_inputs_for_generation` (Baichuan2-7B uses them only when it has
+  none to derive): cut to the positions of the step's input, as generate's own preparation does.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
   for them and passes the model's tuples back under the old name; the removed
   `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
@@ -241,7 +248,7 @@ def _adapt_config_class(cls) -> None:
 def _adapt_model_class(cls) -> None:
     from transformers import GenerationMixin, PreTrainedModel
 
-    cls.__init__ = _init_with_post_init(cls.__init__)
+    cls.__init__ = _init_with_real_tensors(_init_with_post_init(cls.__init__))
     if cls._init_weights is not PreTrainedModel._init_weights and not hasattr(cls._init_weights, "_fora_resets"):
         cls._init_weights = _init_weights_after_reset(cls._init_weights)
     enable = cls.gradient_checkpointing_enable
@@ -253,6 +260,8 @@ def _adapt_model_class(cls) -> None:
         return
     if not issubclass(cls, GenerationMixin):
         cls.__bases__ = (*cls.__bases__, GenerationMixin)  # PreTrainedModel brought `generate` until 4.50
+    if "position_ids" in inspect.signature(cls.forward).parameters:
+        cls.prepare_inputs_for_generation = _prepare_step_positions(cls.prepare_inputs_for_generation)
     if "past_key_values" in inspect.signature(cls.forward).parameters:
         cls._supports_default_dynamic_cache = classmethod(lambda klass: False)
         cls.prepare_inputs_for_generation = _prepare_legacy_inputs(cls.prepare_inputs_for_generation)
@@ -260,6 +269,25 @@ def _adapt_model_class(cls) -> None:
             cls._extract_past_from_model_output = _extract_past_from_model_output
         if "_update_model_kwargs_for_generation" in vars(cls):
             cls._update_model_kwargs_for_generation = _update_without_empty_inputs(cls._update_model_kwargs_for_generation)
+
+
+def _init_with_real_tensors(init):
+    """`__init__` that, under transformers 5's meta-device build, puts only the parameters on the meta device."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        import torch
+
+        if torch.get_default_device().type != "meta":  # built for real, or already inside this wrapper
+            return init(self, *args, **kwargs)
+        from accelerate import init_empty_weights
+
+        # Tensors computed here and kept outside parameters and buffers (Baichuan2-7B's rotary cos/sin caches)
+        # are never in the checkpoint: built on meta, they would stay without data. 4.x built them for real.
+        with torch.device("cpu"), init_empty_weights(include_buffers=False):
+            return init(self, *args, **kwargs)
+
+    return __init__
 
 
 def _init_with_post_init(init):
@@ -343,6 +371,22 @@ def _prepare_legacy_inputs(prepare):
             kwargs["past_key_values"] = cache
         kwargs.pop("next_sequence_length", None)
         return prepare(self, input_ids, *args, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
+def _prepare_step_positions(prepare):
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = prepare(self, *args, **kwargs)
+        # transformers 5's generate passes `position_ids` for the whole sequence so far (4.x passed none); a
+        # model's own step that takes them as given (Baichuan2-7B) gets the last ones, as generate's own does.
+        positions, ids = inputs.get("position_ids"), inputs.get("input_ids")
+        if ids is None:
+            ids = inputs.get("inputs_embeds")
+        if positions is not None and ids is not None and positions.shape[-1] > ids.shape[1]:
+            inputs["position_ids"] = positions[..., -ids.shape[1]:]
+        return inputs
 
     return prepare_inputs_for_generation
 

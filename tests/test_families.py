@@ -1,4 +1,4 @@
-"""Remote-code families written for transformers 4.x (Baichuan2, ChatGLM2, ChatGLM3) under the installed
+"""Remote-code families written for transformers 4.x (Baichuan2-7B/13B-Chat, ChatGLM2, ChatGLM3) under the installed
 transformers: fixture folders reproducing their published API patterns (tests/fixtures), loaded with
 --trust_remote_code through fora.compat, trained, predicted, merged and prompted as users do."""
 
@@ -24,11 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The linear layers of each family's blocks (its published LoRA targets); never the output layer.
 PROJECTIONS = {
-    "baichuan2": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
+    "baichuan2-7b-chat": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
+    "baichuan2-13b-chat": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
     "chatglm2": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
     "chatglm3": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
 }
-HEADS = {"baichuan2": "lm_head", "chatglm2": "output_layer", "chatglm3": "output_layer"}
+HEADS = {"baichuan2-7b-chat": "lm_head", "baichuan2-13b-chat": "lm_head", "chatglm2": "output_layer", "chatglm3": "output_layer"}
+# The prompt template `--template auto` picks for a family, where it is not the family's own name.
+TEMPLATES = {"baichuan2-7b-chat": "baichuan2", "baichuan2-13b-chat": "baichuan2"}
 QUESTION, ANSWER = "泵的故障导致什么？", "主管道压力降低。"
 RECORDS = [
     {"instruction": QUESTION, "output": ANSWER},
@@ -54,7 +57,7 @@ def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
 
     ChatGLM2: tokenizer(build_prompt(query)) = [gMASK] sop + "[Round 1]\\n\\n问：{query}\\n\\n答：".
     ChatGLM3: build_chat_input(query) = [gMASK] sop <|user|> + encode("\\n") + encode(query) + <|assistant|>.
-    Baichuan2: _build_chat_input = user_token_id + encode(query) + assistant_token_id (no BOS).
+    Baichuan2-7B/13B-Chat: build_chat_input = user_token_id + encode(query) + assistant_token_id (no BOS).
     ChatGLM's special ids follow the pieces: [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|>.
     """
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
@@ -72,7 +75,7 @@ def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_f
     folder = family_folders[family]
     tokenizer = load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
-    assert template.name == family
+    assert template.name == TEMPLATES.get(family, family)
     [(prompt, response, _)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
     assert prompt == documented_prompt(family, folder, QUESTION)
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
@@ -106,23 +109,23 @@ def test_every_class_auto_map_names_loads(family, family_folders):
     from fora import compat
 
     folder = family_folders[family]
-    compat.prepare_remote_code(str(folder), trust_remote_code=True)
+    compat.prepare_remote_code(str(folder), trust_remote_code=families.OWN_CODE)
     entries = compat.auto_map(str(folder))
     assert entries, "a remote-code fixture names its classes in auto_map"
     ids = None
     for auto_name, reference in sorted(entries.items()):
         auto = getattr(transformers, auto_name)
         if auto_name == "AutoConfig":
-            loaded = [auto.from_pretrained(folder, trust_remote_code=True)]
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE)]
         elif auto_name == "AutoTokenizer":
             references = reference if isinstance(reference, list) else [reference, None]
-            loaded = [auto.from_pretrained(folder, trust_remote_code=True, use_fast=fast)
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, use_fast=fast)
                       for fast, name in zip((False, True), references) if name]
             encodings = {tuple(compat.adapt_tokenizer(t).encode(QUESTION, add_special_tokens=False)) for t in loaded}
             assert len(encodings) == 1, "the slow and the fast tokenizer encode alike"
             ids = list(encodings.pop())
         else:
-            loaded = [auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()]
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, dtype=torch.float32).eval()]
         names = [reference] if isinstance(reference, str) else [name for name in reference if name]
         assert [type(instance).__name__ for instance in loaded] == [name.rsplit(".", 1)[-1] for name in names]
         if auto_name.startswith("AutoModel"):
@@ -147,9 +150,9 @@ def greedy_without_cache(model, prompt: list[int], budget: int, stop: list[int])
 
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders):
-    """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's positions),
-    gives what full forward passes give; Baichuan2's generation_config.json (sampling, repetition_penalty
-    1.05) is not inherited."""
+    """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's and
+    Baichuan2-7B's positions), gives what full forward passes give; Baichuan2's generation_config.json
+    (sampling, repetition_penalty 1.05) is not inherited."""
     model, tokenizer, _ = modeling.load_inference_model(None, str(family_folders[family]), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     prompts = [template.encode(tokenizer, None, [(r["instruction"], None)])[0][0] for r in RECORDS]
@@ -162,7 +165,7 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
     beams = generate.generation_config(tokenizer, stop, num_beams=2)  # the cache reordered per beam
     beam_rows = generate.generate_ids(model, tokenizer, prompts, stop, 6, 4, beams, progress=False)
     assert beam_rows == generate.generate_ids(model, tokenizer, prompts, stop, 6, 1, beams, progress=False)
-    if family == "baichuan2":
+    if family.startswith("baichuan2"):
         penalised = generate.generation_config(tokenizer, stop)
         penalised.repetition_penalty = 1.05  # the model's own: it would have shown in the outputs above
         assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 4, penalised, progress=False) != expected
@@ -199,7 +202,7 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
     folder = family_folders[family]
     adapter = tmp_path / "adapter"
     train(folder, train_file, adapter, finetuning_type)
-    assert f"Prompt template: {family}" in capsys.readouterr().out
+    assert f"Prompt template: {TEMPLATES.get(family, family)}" in capsys.readouterr().out
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == PROJECTIONS[family]
     from safetensors import safe_open
@@ -213,7 +216,7 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
         "--model_dir", str(adapter), "--test_path", str(train_file), "--output_dir", str(tmp_path / "predict"),
         "--trust_remote_code", "--max_new_tokens", "4", "--batch_size", "4",
     ])
-    assert results["template"] == family and results["total"] == len(RECORDS)
+    assert results["template"] == TEMPLATES.get(family, family) and results["total"] == len(RECORDS)
     assert results["quantization_bit"] == (4 if finetuning_type == "qlora" else None)
     # The prompt predicted from the adapter folder is the one training saw (no BOS re-added for Baichuan2).
     first = json.loads((tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()[0])
