@@ -1,4 +1,4 @@
-"""Remote-code families written for transformers 4.x (Baichuan2-7B/13B-Chat, ChatGLM2, ChatGLM3) under the installed
+"""Remote-code families written for transformers 4.x (Baichuan, Baichuan2, ChatGLM2/3, InternLM2) under the installed
 transformers: fixture folders reproducing their published API patterns (tests/fixtures), loaded with
 --trust_remote_code through fora.compat, trained, predicted, merged and prompted as users do."""
 
@@ -23,15 +23,17 @@ import shape  # noqa: E402  (tests/fixtures/shape.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The linear layers of each family's blocks (its published LoRA targets); never the output layer.
+BAICHUAN = ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"]
+CHATGLM = ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
 PROJECTIONS = {
-    "baichuan2-7b-chat": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
-    "baichuan2-13b-chat": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
-    "chatglm2": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
-    "chatglm3": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+    "baichuan-7b": BAICHUAN, "baichuan-13b-chat": BAICHUAN, "baichuan2-7b-chat": BAICHUAN, "baichuan2-13b-chat": BAICHUAN,
+    "chatglm2": CHATGLM, "chatglm3": CHATGLM, "internlm2": ["w1", "w2", "w3", "wo", "wqkv"],
 }
-HEADS = {"baichuan2-7b-chat": "lm_head", "baichuan2-13b-chat": "lm_head", "chatglm2": "output_layer", "chatglm3": "output_layer"}
-# The prompt template `--template auto` picks for a family, where it is not the family's own name.
-TEMPLATES = {"baichuan2-7b-chat": "baichuan2", "baichuan2-13b-chat": "baichuan2"}
+HEADS = {"chatglm2": "output_layer", "chatglm3": "output_layer", "internlm2": "output"}  # the others: lm_head
+# The prompt template `--template auto` picks for a family, where it is not the family's own name (a base model
+# has no chat format).
+TEMPLATES = {"baichuan-7b": "default", "baichuan-13b-chat": "baichuan", "baichuan2-7b-chat": "baichuan2",
+             "baichuan2-13b-chat": "baichuan2"}
 QUESTION, ANSWER = "泵的故障导致什么？", "主管道压力降低。"
 RECORDS = [
     {"instruction": QUESTION, "output": ANSWER},
@@ -58,16 +60,32 @@ def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
     ChatGLM2: tokenizer(build_prompt(query)) = [gMASK] sop + "[Round 1]\\n\\n问：{query}\\n\\n答：".
     ChatGLM3: build_chat_input(query) = [gMASK] sop <|user|> + encode("\\n") + encode(query) + <|assistant|>.
     Baichuan2-7B/13B-Chat: build_chat_input = user_token_id + encode(query) + assistant_token_id (no BOS).
+    Baichuan-13B-Chat: generation_utils.build_chat_input, the same: <reserved_102> + encode(query) + <reserved_103>,
+    no BOS (its tokenizer_config.json sets add_bos_token false, and encode adds nothing else).
+    Baichuan-7B: a base model with no chat format; `default`'s "Human: {query}\\n\\nAssistant: ", no BOS (add_bos_token false).
+    InternLM2: build_inputs(query, meta_instruction="") = BOS + "<|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n",
+    its chat tokens being the SentencePiece pieces [UNUSED_TOKEN_146] (<|im_start|>) and [UNUSED_TOKEN_145] (<|im_end|>).
     ChatGLM's special ids follow the pieces: [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|>.
     """
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     n = sp.vocab_size()
+    if family == "internlm2":
+        start, end = sp.piece_to_id("[UNUSED_TOKEN_146]"), sp.piece_to_id("[UNUSED_TOKEN_145]")
+        return [sp.bos_id(), start] + sp.encode(f"user\n{question}") + [end] + sp.encode("\n") + [start] + sp.encode("assistant\n")
+    if family == "baichuan-7b":
+        return sp.encode(f"Human: {question}\n\nAssistant: ")
     if family == "chatglm2":
         return [n + 1, n + 3] + sp.encode(f"[Round 1]\n\n问：{question}\n\n答：")
     if family == "chatglm3":
         return [n + 1, n + 3, n + 6] + sp.encode("\n") + sp.encode(question) + [n + 7]
     generation = json.loads((folder / "generation_config.json").read_text())
     return [generation["user_token_id"]] + sp.encode(question) + [generation["assistant_token_id"]]
+
+
+def documented_reply_end(family: str, folder: Path) -> int:
+    """The token that ends a reply: EOS, but <|im_end|> for InternLM2 (its chat() stops on either)."""
+    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return sp.piece_to_id("[UNUSED_TOKEN_145]") if family == "internlm2" else sp.eos_id()
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
@@ -79,7 +97,7 @@ def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_f
     [(prompt, response, _)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
     assert prompt == documented_prompt(family, folder, QUESTION)
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    assert response == sp.encode(ANSWER) + [sp.eos_id()]
+    assert response == sp.encode(ANSWER) + [documented_reply_end(family, folder)]
     ids, labels, _ = data.encode([Segment(prompt, response)], 512, 512)
     assert ids == prompt + response and labels == [-100] * len(prompt) + response
 
@@ -101,10 +119,11 @@ def test_fixture_carries_the_published_shape(family, family_folders):
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
-def test_every_class_auto_map_names_loads(family, family_folders):
+def test_every_class_auto_map_names_loads(family, family_folders, tmp_path):
     """Through the Auto class it is named under: the config, each tokenizer (slow and fast where named), and
     every model class, loaded from the fixture's weights and run forward."""
     import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     from fora import compat
 
@@ -118,12 +137,23 @@ def test_every_class_auto_map_names_loads(family, family_folders):
         if auto_name == "AutoConfig":
             loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE)]
         elif auto_name == "AutoTokenizer":
+            # transformers 5 ignores use_fast: AutoTokenizer gives the fast class where one is named, so the slow
+            # one is loaded through its own class too.
             references = reference if isinstance(reference, list) else [reference, None]
-            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, use_fast=fast)
-                      for fast, name in zip((False, True), references) if name]
-            encodings = {tuple(compat.adapt_tokenizer(t).encode(QUESTION, add_special_tokens=False)) for t in loaded}
-            assert len(encodings) == 1, "the slow and the fast tokenizer encode alike"
-            ids = list(encodings.pop())
+            loaded = [get_class_from_dynamic_module(name, str(folder)).from_pretrained(folder) for name in references if name]
+            chosen = auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE)
+            assert type(chosen) is type(loaded[-1])
+            texts = [QUESTION, *(r["instruction"] for r in RECORDS), "  two  spaces,\ta tab\nand 12 new lines\n\n"]
+            saved = []
+            if references[1]:  # saved by transformers 5, the fast tokenizer comes back from its tokenizer.json
+                chosen.save_pretrained(tmp_path / "saved")
+                assert (tmp_path / "saved" / "tokenizer.json").is_file()
+                compat.prepare_remote_code(str(tmp_path / "saved"), trust_remote_code=families.OWN_CODE)
+                saved.append(auto.from_pretrained(tmp_path / "saved", trust_remote_code=families.OWN_CODE))
+            encodings = {tuple(tuple(compat.adapt_tokenizer(t).encode(text, add_special_tokens=False)) for text in texts)
+                         for t in [*loaded, chosen, *saved]}
+            assert len(encodings) == 1, "the slow and the fast tokenizer encode alike (the fast one also once saved)"
+            ids = list(encodings.pop()[0])
         else:
             loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, dtype=torch.float32).eval()]
         names = [reference] if isinstance(reference, str) else [name for name in reference if name]
@@ -131,6 +161,11 @@ def test_every_class_auto_map_names_loads(family, family_folders):
         if auto_name.startswith("AutoModel"):
             # in the dtype asked for, also what the remote __init__ builds in a dtype of its own (ChatGLM's float16 head)
             assert {p.dtype for p in loaded[0].parameters() if p.is_floating_point()} == {torch.float32}, auto_name
+            # Initialised, also a weight the checkpoint lacks (a head), not memory left as it was: on the scale of
+            # torch's initialisation, which has spread.
+            for name, weight in loaded[0].named_parameters():
+                if weight.dim() == 2:
+                    assert weight.isfinite().all() and 1e-4 < weight.std() and weight.abs().max() < 1e3, f"{auto_name}: {name}"
             with torch.no_grad():
                 output = loaded[0](input_ids=torch.tensor([ids or [5, 6, 7]]))
             assert torch.isfinite(output[0]).all(), auto_name
@@ -209,7 +244,7 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())
-        assert not any(HEADS[family] in name for name in names)
+        assert not any(HEADS.get(family, "lm_head") in name for name in names)
         assert any(weights.get_tensor(name).abs().max() > 0 for name in names if "lora_B" in name)
 
     results = predict_fora.main([
