@@ -200,7 +200,7 @@ def _native_from_sentencepiece(convert):
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
         vocab_file, tokenizer_file = kwargs.get("vocab_file"), kwargs.get("tokenizer_file")
         if isinstance(tokenizer_file, str) and Path(tokenizer_file).is_file():
-            return convert(cls, trust_remote_code=True, **kwargs)
+            return kwargs  # `tokenizer_file` kept: `__init__` loads it, as transformers has it for remote code
         if not (isinstance(vocab_file, str) and vocab_file.endswith(".model") and Path(vocab_file).is_file()):
             return convert(cls, trust_remote_code=trust_remote_code, **kwargs)
         kwargs.pop("tokenizer_file", None)
