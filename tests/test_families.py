@@ -1,4 +1,4 @@
-"""Remote-code families written for transformers 4.x (Baichuan2, ChatGLM2, ChatGLM3) under the installed
+"""Remote-code families written for transformers 4.x (Baichuan, Baichuan2, ChatGLM2/3, InternLM2) under the installed
 transformers: fixture folders reproducing their published API patterns (tests/fixtures), loaded with
 --trust_remote_code through fora.compat, trained, predicted, merged and prompted as users do."""
 
@@ -18,16 +18,22 @@ from fora.templates import Segment, get_template
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import families  # noqa: E402  (tests/fixtures/families.py)
+import shape  # noqa: E402  (tests/fixtures/shape.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The linear layers of each family's blocks (its published LoRA targets); never the output layer.
+BAICHUAN = ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"]
+CHATGLM = ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
 PROJECTIONS = {
-    "baichuan2": ["W_pack", "down_proj", "gate_proj", "o_proj", "up_proj"],
-    "chatglm2": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
-    "chatglm3": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+    "baichuan-7b": BAICHUAN, "baichuan-13b-chat": BAICHUAN, "baichuan2-7b-chat": BAICHUAN, "baichuan2-13b-chat": BAICHUAN,
+    "chatglm2": CHATGLM, "chatglm3": CHATGLM, "internlm2": ["w1", "w2", "w3", "wo", "wqkv"],
 }
-HEADS = {"baichuan2": "lm_head", "chatglm2": "output_layer", "chatglm3": "output_layer"}
+HEADS = {"chatglm2": "output_layer", "chatglm3": "output_layer", "internlm2": "output"}  # the others: lm_head
+# The prompt template `--template auto` picks for a family, where it is not the family's own name (a base model
+# has no chat format).
+TEMPLATES = {"baichuan-7b": "default", "baichuan-13b-chat": "baichuan", "baichuan2-7b-chat": "baichuan2",
+             "baichuan2-13b-chat": "baichuan2"}
 QUESTION, ANSWER = "泵的故障导致什么？", "主管道压力降低。"
 RECORDS = [
     {"instruction": QUESTION, "output": ANSWER},
@@ -53,11 +59,21 @@ def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
 
     ChatGLM2: tokenizer(build_prompt(query)) = [gMASK] sop + "[Round 1]\\n\\n问：{query}\\n\\n答：".
     ChatGLM3: build_chat_input(query) = [gMASK] sop <|user|> + encode("\\n") + encode(query) + <|assistant|>.
-    Baichuan2: _build_chat_input = user_token_id + encode(query) + assistant_token_id (no BOS).
+    Baichuan2-7B/13B-Chat: build_chat_input = user_token_id + encode(query) + assistant_token_id (no BOS).
+    Baichuan-13B-Chat: generation_utils.build_chat_input, the same: <reserved_102> + encode(query) + <reserved_103>,
+    no BOS (its tokenizer_config.json sets add_bos_token false, and encode adds nothing else).
+    Baichuan-7B: a base model with no chat format; `default`'s "Human: {query}\\n\\nAssistant: ", no BOS (add_bos_token false).
+    InternLM2: build_inputs(query, meta_instruction="") = BOS + "<|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n",
+    its chat tokens being the SentencePiece pieces [UNUSED_TOKEN_146] (<|im_start|>) and [UNUSED_TOKEN_145] (<|im_end|>).
     ChatGLM's special ids follow the pieces: [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|>.
     """
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     n = sp.vocab_size()
+    if family == "internlm2":
+        start, end = sp.piece_to_id("[UNUSED_TOKEN_146]"), sp.piece_to_id("[UNUSED_TOKEN_145]")
+        return [sp.bos_id(), start] + sp.encode(f"user\n{question}") + [end] + sp.encode("\n") + [start] + sp.encode("assistant\n")
+    if family == "baichuan-7b":
+        return sp.encode(f"Human: {question}\n\nAssistant: ")
     if family == "chatglm2":
         return [n + 1, n + 3] + sp.encode(f"[Round 1]\n\n问：{question}\n\n答：")
     if family == "chatglm3":
@@ -66,18 +82,93 @@ def documented_prompt(family: str, folder: Path, question: str) -> list[int]:
     return [generation["user_token_id"]] + sp.encode(question) + [generation["assistant_token_id"]]
 
 
+def documented_reply_end(family: str, folder: Path) -> int:
+    """The token that ends a reply: EOS, but <|im_end|> for InternLM2 (its chat() stops on either)."""
+    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return sp.piece_to_id("[UNUSED_TOKEN_145]") if family == "internlm2" else sp.eos_id()
+
+
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_folders):
     folder = family_folders[family]
     tokenizer = load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
-    assert template.name == family
+    assert template.name == TEMPLATES.get(family, family)
     [(prompt, response, _)] = template.encode(tokenizer, None, [(QUESTION, ANSWER)])
     assert prompt == documented_prompt(family, folder, QUESTION)
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    assert response == sp.encode(ANSWER) + [sp.eos_id()]
+    assert response == sp.encode(ANSWER) + [documented_reply_end(family, folder)]
     ids, labels, _ = data.encode([Segment(prompt, response)], 512, 512)
     assert ids == prompt + response and labels == [-100] * len(prompt) + response
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_fixture_carries_the_published_shape(family, family_folders):
+    """The fixture has every class of the published files, with their bases and every method's signature,
+    and the published JSON files' keys and auto_map (recorded from the published repository in published.json)."""
+    published = json.loads((families.fixture_dir(family) / "published.json").read_text(encoding="utf-8"))
+    built = shape.folder_shape(family_folders[family])
+    assert sorted(built["python"]) == sorted(published["python"]), "the fixture's Python files are the published ones"
+    for name, expected in published["python"].items():
+        classes = built["python"][name]["classes"]
+        assert sorted(classes) == sorted(expected["classes"]), name
+        for cls, published_class in expected["classes"].items():
+            assert classes[cls] == published_class, f"{name}: {cls}"
+    for name, expected in published["json"].items():
+        assert built["json"].get(name) == expected, name
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_every_class_auto_map_names_loads(family, family_folders, tmp_path):
+    """Through the Auto class it is named under: the config, each tokenizer (slow and fast where named), and
+    every model class, loaded from the fixture's weights and run forward."""
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from fora import compat
+
+    folder = family_folders[family]
+    compat.prepare_remote_code(str(folder), trust_remote_code=families.OWN_CODE)
+    entries = compat.auto_map(str(folder))
+    assert entries, "a remote-code fixture names its classes in auto_map"
+    ids = None
+    for auto_name, reference in sorted(entries.items()):
+        auto = getattr(transformers, auto_name)
+        if auto_name == "AutoConfig":
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE)]
+        elif auto_name == "AutoTokenizer":
+            # transformers 5 ignores use_fast: AutoTokenizer gives the fast class where one is named, so the slow
+            # one is loaded through its own class too.
+            references = reference if isinstance(reference, list) else [reference, None]
+            loaded = [get_class_from_dynamic_module(name, str(folder)).from_pretrained(folder) for name in references if name]
+            chosen = auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE)
+            assert type(chosen) is type(loaded[-1])
+            texts = [QUESTION, *(r["instruction"] for r in RECORDS), "  two  spaces,\ta tab\nand 12 new lines\n\n"]
+            saved = []
+            if references[1]:  # saved by transformers 5, the fast tokenizer comes back from its tokenizer.json
+                chosen.save_pretrained(tmp_path / "saved")
+                assert (tmp_path / "saved" / "tokenizer.json").is_file()
+                compat.prepare_remote_code(str(tmp_path / "saved"), trust_remote_code=families.OWN_CODE)
+                saved.append(auto.from_pretrained(tmp_path / "saved", trust_remote_code=families.OWN_CODE))
+            encodings = {tuple(tuple(compat.adapt_tokenizer(t).encode(text, add_special_tokens=False)) for text in texts)
+                         for t in [*loaded, chosen, *saved]}
+            assert len(encodings) == 1, "the slow and the fast tokenizer encode alike (the fast one also once saved)"
+            ids = list(encodings.pop()[0])
+        else:
+            loaded = [auto.from_pretrained(folder, trust_remote_code=families.OWN_CODE, dtype=torch.float32).eval()]
+        names = [reference] if isinstance(reference, str) else [name for name in reference if name]
+        assert [type(instance).__name__ for instance in loaded] == [name.rsplit(".", 1)[-1] for name in names]
+        if auto_name.startswith("AutoModel"):
+            # in the dtype asked for, also what the remote __init__ builds in a dtype of its own (ChatGLM's float16 head)
+            assert {p.dtype for p in loaded[0].parameters() if p.is_floating_point()} == {torch.float32}, auto_name
+            # Initialised, also a weight the checkpoint lacks (a head), not memory left as it was: on the scale of
+            # torch's initialisation, which has spread.
+            for name, weight in loaded[0].named_parameters():
+                if weight.dim() == 2:
+                    assert weight.isfinite().all() and 1e-4 < weight.std() and weight.abs().max() < 1e3, f"{auto_name}: {name}"
+            with torch.no_grad():
+                output = loaded[0](input_ids=torch.tensor([ids or [5, 6, 7]]))
+            assert torch.isfinite(output[0]).all(), auto_name
 
 
 def greedy_without_cache(model, prompt: list[int], budget: int, stop: list[int]) -> list[int]:
@@ -94,9 +185,9 @@ def greedy_without_cache(model, prompt: list[int], budget: int, stop: list[int])
 
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders):
-    """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's positions),
-    gives what full forward passes give; Baichuan2's generation_config.json (sampling, repetition_penalty
-    1.05) is not inherited."""
+    """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's and
+    Baichuan2-7B's positions), gives what full forward passes give; Baichuan2's generation_config.json
+    (sampling, repetition_penalty 1.05) is not inherited."""
     model, tokenizer, _ = modeling.load_inference_model(None, str(family_folders[family]), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     prompts = [template.encode(tokenizer, None, [(r["instruction"], None)])[0][0] for r in RECORDS]
@@ -109,7 +200,7 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
     beams = generate.generation_config(tokenizer, stop, num_beams=2)  # the cache reordered per beam
     beam_rows = generate.generate_ids(model, tokenizer, prompts, stop, 6, 4, beams, progress=False)
     assert beam_rows == generate.generate_ids(model, tokenizer, prompts, stop, 6, 1, beams, progress=False)
-    if family == "baichuan2":
+    if family.startswith("baichuan2"):
         penalised = generate.generation_config(tokenizer, stop)
         penalised.repetition_penalty = 1.05  # the model's own: it would have shown in the outputs above
         assert generate.generate_ids(model, tokenizer, prompts, stop, 12, 4, penalised, progress=False) != expected
@@ -146,21 +237,21 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
     folder = family_folders[family]
     adapter = tmp_path / "adapter"
     train(folder, train_file, adapter, finetuning_type)
-    assert f"Prompt template: {family}" in capsys.readouterr().out
+    assert f"Prompt template: {TEMPLATES.get(family, family)}" in capsys.readouterr().out
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == PROJECTIONS[family]
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())
-        assert not any(HEADS[family] in name for name in names)
+        assert not any(HEADS.get(family, "lm_head") in name for name in names)
         assert any(weights.get_tensor(name).abs().max() > 0 for name in names if "lora_B" in name)
 
     results = predict_fora.main([
         "--model_dir", str(adapter), "--test_path", str(train_file), "--output_dir", str(tmp_path / "predict"),
         "--trust_remote_code", "--max_new_tokens", "4", "--batch_size", "4",
     ])
-    assert results["template"] == family and results["total"] == len(RECORDS)
+    assert results["template"] == TEMPLATES.get(family, family) and results["total"] == len(RECORDS)
     assert results["quantization_bit"] == (4 if finetuning_type == "qlora" else None)
     # The prompt predicted from the adapter folder is the one training saw (no BOS re-added for Baichuan2).
     first = json.loads((tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()[0])
@@ -181,6 +272,20 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
     error = ((merged_logits - unmerged).abs().max() / unmerged.abs().max()).item()
     assert error < (2e-3 if bits else 1e-5), error
     assert (merged_logits - plain).abs().max() > 100 * (merged_logits - unmerged).abs().max()  # the adapter shows
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_gradient_checkpointing_trains(family, family_folders, train_file, tmp_path):
+    """--gradient_checkpointing reaches the family's own checkpointing code (ChatGLM2's `_set_gradient_checkpointing(module,
+    value)`, ChatGLM3's `gradient_checkpointing_enable` override, which takes fewer arguments than transformers 5 passes)."""
+    import train_lora
+
+    train_lora.main([
+        "--train_file", str(train_file), "--model_name_or_path", str(family_folders[family]), "--trust_remote_code",
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "2", "--lora_rank", "2",
+        "--save_strategy", "no", "--report_to", "none", "--torch_dtype", "float32", "--gradient_checkpointing",
+    ])
+    assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
 def one_line_error(call) -> str:
