@@ -27,17 +27,7 @@ folder beside it and renamed into place); a folder that is not empty (a previous
 replaced, as a whole, only with --overwrite_output_dir. A user's mistake prints one `error: ...` line and exits with code 2.
 """
 
-
-from config import MergeArguments, parse_args
-from fora.errors import exit_on_user_error
-
-
-def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((MergeArguments,), argv)
-    from fora.merging import merge
-
-    merge(args)
-
+from fora.cli import merge
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    merge()

@@ -6,36 +6,14 @@ a server averages the adapters every round. Built on Flower; this script runs it
     python train_federated.py --partition files --client_files a.json,b.json --proximal_mu 0.01 ...
 
 Every flag of train_lora.py applies to each client's local training (model, data, template, adapter,
-optimizer); the federated ones are in config.py's FederatedArguments (`--help`). After every round
+optimizer); the federated ones are in fora/args/federated.py (`--help`). After every round
 OUTPUT_DIR/round-N holds the global adapter in train_lora.py's format (the final one also in
 OUTPUT_DIR), so predict_fora.py, merge_lora.py and chat take it unchanged. federated_history.json
 and federated_*.png give the eval loss (ROUGE-L/BLEU-4 with --eval_generate) and each client's
 traffic per round. Deployment across sites (a SuperLink and a SuperNode per site): see the README.
 """
 
-import os
-import sys
-
-from fora.errors import UserError, exit_on_user_error
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from fora import federated, modeling
-
-    # Everything a user can get wrong is checked here, before Flower starts.
-    run = federated.parse(argv)
-    federated.refuse_previous_run(run)
-    modeling.resolve_model_path(run.model.model_name_or_path)
-    files = federated.client_data_files(run)
-    print(f"Federated run: {run.federated.num_clients} clients ({run.federated.partition}), "
-          f"{run.federated.num_rounds} rounds; client data: {', '.join(files)}")
-    try:
-        federated.simulate(run, argv)
-    except federated.FederationFailed as error:  # Flower re-raises the ServerApp's exception here
-        raise UserError(f"{error} (see the log above)") from error
-
+from fora.cli import federated
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    federated()

@@ -6,8 +6,8 @@
 
 Flags after `--` are predict_fora.py's model flags (--model_dir: an adapter, a checkpoint-N, a merged
 model; --ori_model_dir, --template, --torch_dtype, --quantization_bit, --trust_remote_code,
---max_src_len) and the chat's own starting values (`python cli_demo.py --help` lists them all;
-config.ChatArguments). The model loads once per server process and serves every tab. Run from the
+--max_source_length) and the chat's own starting values (`python cli_demo.py --help` lists them all;
+fora/args/chat.py). The model loads once per server process and serves every tab. Run from the
 repository folder, the server listens on 127.0.0.1 only (.streamlit/config.toml); add
 `--server.address 0.0.0.0` before `--` to open it to the network.
 
@@ -15,88 +15,7 @@ A message cannot be sent while a reply streams (the input is held until it ends)
 reruns the page mid-reply (a sidebar change, Streamlit's Stop) keeps what was generated, marked stopped.
 """
 
-import sys
-
-import streamlit as st
-
-from config import ChatArguments, parse_args
-from fora.chat import BASE, FINE_TUNED, ChatModel, Exchange, Settings
-from fora.errors import UserError
-
-SIDE_LABELS = {FINE_TUNED: "Fine-tuned (adapter on)", BASE: "Base (adapter off)"}
-
-
-@st.cache_resource(show_spinner="Loading the model...")
-def load_model(argv: tuple[str, ...]) -> ChatModel:
-    """One model per server process and set of flags; a failed load is not cached, so a fix is picked up."""
-    (args,) = parse_args((ChatArguments,), list(argv))
-    return ChatModel(args)
-
-
-def sidebar(args: ChatArguments, model: ChatModel) -> tuple[Settings, bool]:
-    """The reply settings and whether to answer side by side."""
-    with st.sidebar:
-        st.header("FoRA chat")
-        st.caption(model.description)
-        longest = min(model.context_length or 4096, 4096)
-        max_new_tokens = st.slider("Max new tokens", 1, max(longest, args.max_new_tokens), args.max_new_tokens, key="max_new_tokens")
-        temperature = st.slider(
-            "Temperature", 0.0, max(2.0, args.temperature), args.temperature, 0.05, key="temperature",
-            help="0 = greedy: always the most likely token.",
-        )
-        top_p = st.slider("Top-p", 0.05, 1.0, args.top_p, 0.05, key="top_p")
-        system = st.text_area("System prompt", args.system or "", key="system", help="Empty: the template's own, if any.")
-        side_by_side = st.toggle(
-            "Side by side with the base", args.side_by_side and model.has_adapter, key="side_by_side",
-            disabled=not model.has_adapter,
-            help="Answer every message twice: with the adapter on and switched off (needs --model_dir ADAPTER).",
-        )
-        st.button("Clear the conversation", on_click=lambda: st.session_state.update(history=[]), key="clear")
-    return Settings(max_new_tokens, temperature, top_p, system or None), side_by_side
-
-
-def show(exchange: Exchange, sides: list[str], answer: tuple[ChatModel, list[Exchange], Settings] | None = None):
-    """The message and its replies, one column per side; with `answer`, the replies are generated now."""
-    with st.chat_message("user"):
-        st.markdown(exchange.user)
-    columns = st.columns(len(sides)) if len(sides) > 1 else [st.container()]
-    for side, column in zip(sides, columns):
-        with column, st.chat_message("assistant"):
-            if len(sides) > 1:
-                st.caption(SIDE_LABELS[side])
-            if answer:
-                model, history, settings = answer
-                reply = model.respond(history, exchange, side, settings)
-                try:
-                    st.write_stream(reply)
-                finally:  # a rerun interrupts the page here: stop generating now, keep the text so far
-                    reply.close()
-            else:
-                st.markdown(exchange.replies.get(side) or "*(no reply)*")
-            for note in exchange.notes.get(side, []):
-                st.caption(note)
-
-
-def main():
-    st.set_page_config(page_title="FoRA chat", layout="wide")
-    try:
-        (args,) = parse_args((ChatArguments,), sys.argv[1:])
-        model = load_model(tuple(sys.argv[1:]))
-    except UserError as error:
-        st.error(f"error: {error}")
-        st.stop()
-    settings, side_by_side = sidebar(args, model)
-    history: list[Exchange] = st.session_state.setdefault("history", [])
-    for exchange in history:
-        # With fast reruns Streamlit starts this run while the cut-short one is still winding down.
-        exchange.settle()
-        show(exchange, [side for side in (FINE_TUNED, BASE) if side in exchange.replies])
-    message = st.chat_input("Your message", submit_mode="disable")
-    if message:
-        exchange = Exchange(message)
-        history.append(exchange)  # before streaming, so an interrupted reply is kept with its message
-        show(exchange, [FINE_TUNED, BASE] if side_by_side else [FINE_TUNED], (model, history[:-1], settings))
-
+from fora.infer.web import main
 
 if __name__ == "__main__":
     main()

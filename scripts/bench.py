@@ -17,7 +17,7 @@ Everything runs in this one process, on identical samples, one after the other:
            answer 256), batch 4, one epoch. Eval loss after training: the 50 records of spo_1.json,
            mean over answer tokens, by one independent full-logits computation for every adapter.
   ablate   the project's LoRA run with one optimisation turned off at a time
-  predict  predict_fora.py's main() in float32 at --batch_size 8 (its default) and 32 (shared prompt prefix
+  predict  predict_fora.py's main() in float32 at --batch_size 8 and 32 (shared prompt prefix
            encoded once, the rest in length-sorted chunks, one reserved KV cache per batch, early
            stop) vs a one-record-at-a-time generate() loop, greedy, 128 new tokens, on spo_1.json
   scaling  training tokens/s on rows of exactly 256 / 512 / 1024 / 2048 tokens (4096 per batch)
@@ -44,14 +44,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from fora.data.dataset import build_dataset
+from fora.models.host_memory import release_freed_memory, return_large_frees_to_system
+from fora.models.inference import load_inference_model
+from fora.models.load import ensure_default_model, load_model
+from fora.models.tokenizer import load_tokenizer
+from fora.train.loss import HeadCrossEntropy
+from fora.tuners import lora_fast
+from fora.tuners.attach import attach_adapter, load_adapter
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from fora.modeling import release_freed_memory  # noqa: E402
 
 SECTIONS = ("peak", "parity", "train", "ablate", "predict", "scaling")
 
@@ -143,11 +149,10 @@ def write_records(source: Path, count: int, target: Path) -> Path:
 
 
 def tokenize(path: Path, tokenizer, template, cache_dir: Path):
-    from config import DataArguments
-    from fora import data
+    from fora.args import DataArguments
 
     args = DataArguments(train_file=str(path), max_source_length=SOURCE_LENGTH, max_target_length=TARGET_LENGTH, cache_dir=str(cache_dir))
-    return data.build_dataset(str(path), tokenizer, template, args, lambda desc: contextlib.nullcontext(), lambda *_: None)
+    return build_dataset(str(path), tokenizer, template, args, lambda desc: contextlib.nullcontext(), lambda *_: None)
 
 
 def supervised_count(sample: dict) -> int:
@@ -160,7 +165,7 @@ def supervised_count(sample: dict) -> int:
 
 def half_precision() -> bool:
     """bf16 for both recipes: on CUDA, or on a CPU that multiplies bf16 natively."""
-    from fora.run import cpu_has_bf16
+    from fora.precision import cpu_has_bf16
 
     return torch.cuda.is_available() or cpu_has_bf16()
 
@@ -177,7 +182,7 @@ def project_argv(train_file: Path, output_dir: Path, cache_dir: Path, variant: s
 
 
 def run_project(train_file: Path, output_dir: Path, cache_dir: Path, variant: str, *extra: str) -> dict:
-    import train_lora
+    from fora.train import recipe as train_lora
 
     reset_peak_memory()
     with contextlib.redirect_stdout(sys.stderr):  # keep the table on stdout readable
@@ -210,7 +215,7 @@ class CountingCollator:
 def stock_peft_config(variant: str):
     from peft import LoraConfig
 
-    from fusion_lora import ForaConfig
+    from fora.tuners.fora import ForaConfig
 
     common = dict(lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")  # PEFT's dropout default: 0
     return ForaConfig(r=2, **{**common, "lora_alpha": 4}) if variant == "fora" else LoraConfig(r=8, **common)
@@ -259,11 +264,10 @@ def run_stock(model_path: str, dataset, tokenizer, output_dir: Path, variant: st
 
 def heldout_loss(model_path: str, adapter: Path, samples, quantization_bit: int | None) -> float:
     """Mean next-token loss over the answer tokens of `samples`, full logits, one record at a time."""
-    from fora import modeling
 
     # Not the memory-lean allocation setting: it would stay on for every run after this one.
-    base = modeling.load_model(model_path, torch.float32, quantization_bit=quantization_bit, unmap_freed_memory=False)
-    model = modeling.load_adapter(base, str(adapter)).eval()
+    base = load_model(model_path, torch.float32, quantization_bit=quantization_bit, unmap_freed_memory=False)
+    model = load_adapter(base, str(adapter)).eval()
     total, count = 0.0, 0
     with torch.inference_mode():
         for sample in samples:
@@ -281,13 +285,13 @@ def first_batch_losses(model_path: str, samples, tokenizer) -> tuple[float, floa
     """Loss of a fresh LoRA adapter on the same first batch: the stock full-logits way and the project's."""
     from transformers import DataCollatorForSeq2Seq
 
-    from config import FinetuningArguments, TrainArguments
-    from fora import modeling
-    from fora.training import PaddingCollator, SupervisedTrainer
+    from fora.args import FinetuningArguments, TrainArguments
+    from fora.data.collator import PaddingCollator
+    from fora.train.trainer import SupervisedTrainer
 
-    model = modeling.load_model(model_path, torch.float32)
+    model = load_model(model_path, torch.float32)
     torch.manual_seed(SEED)
-    model = modeling.attach_adapter(model, FinetuningArguments(finetuning_type="lora", lora_rank=8))
+    model = attach_adapter(model, FinetuningArguments(finetuning_type="lora", lora_rank=8))
     with torch.no_grad():  # give B a value so the adapter takes part in the loss
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -312,10 +316,10 @@ def run_predictions(adapter: Path, test_file: Path, output_dir: Path, count: int
 
     Both in float32, whatever the adapter trained in: only then can greedy outputs be compared token
     for token. In bf16 a matmul's rounding depends on its batch shape (25 of 50 outputs differed)."""
-    import predict_fora
-    from fora import generate, modeling
-    from fora.data import load_conversations
-    from fora.templates import get_template
+    from fora.data.formats import load_conversations
+    from fora.data.templates import get_template
+    from fora.infer import generate
+    from fora.infer import predict as predict_fora
 
     batched = {}
     for batch_size in PREDICT_BATCHES:
@@ -329,7 +333,7 @@ def run_predictions(adapter: Path, test_file: Path, output_dir: Path, count: int
         lines = (output_dir / predict_fora.PREDICTIONS_FILE).read_text().splitlines()
         batched[batch_size] = (results["predict_runtime"], [json.loads(line)["predict"] for line in lines])
 
-    model, tokenizer, info = modeling.load_inference_model(str(adapter), torch_dtype=PREDICT_DTYPE)
+    model, tokenizer, info = load_inference_model(str(adapter), torch_dtype=PREDICT_DTYPE)
     template = get_template(tokenizer, info.get("template"))
     conversations = load_conversations(str(test_file), require_response=False)[0][:count]
     stop = template.stop_token_ids(tokenizer)
@@ -368,13 +372,13 @@ def fixed_length_rows(samples, length: int, count: int) -> list[dict]:
 
 def scaling_rates(model_path: str, samples, tokenizer, setting: Setting) -> list[tuple[int, float]]:
     """Training tokens/s of the project's step (forward, supervised loss, backward, AdamW) per row length."""
-    from config import FinetuningArguments, TrainArguments
-    from fora import modeling
-    from fora.training import PaddingCollator, SupervisedTrainer
+    from fora.args import FinetuningArguments, TrainArguments
+    from fora.data.collator import PaddingCollator
+    from fora.train.trainer import SupervisedTrainer
 
-    model = modeling.load_model(model_path, torch.float32)
+    model = load_model(model_path, torch.float32)
     torch.manual_seed(SEED)
-    model = modeling.attach_adapter(model, FinetuningArguments(finetuning_type="lora", lora_rank=8))
+    model = attach_adapter(model, FinetuningArguments(finetuning_type="lora", lora_rank=8))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     collate = PaddingCollator(tokenizer.pad_token_id)
     rates = []
@@ -414,7 +418,7 @@ def recomputed_head_loss(hidden, weight, bias, targets, scale, softcap, with_gra
     """The supervised head loss the plain autograd way: each chunk checkpointed, its logits recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
 
-    from fora.training import LOSS_CHUNK
+    from fora.train.loss import LOSS_CHUNK
 
     def chunk_loss(chunk, chunk_targets):
         logits = F.linear(chunk, weight, bias).float() * scale
@@ -461,13 +465,12 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from fora import modeling, run
-    from fora.templates import get_template
+    from fora.data.templates import get_template
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    model_path = str(modeling.ensure_default_model())
-    tokenizer = run.load_tokenizer(model_path)
+    model_path = str(ensure_default_model())
+    tokenizer = load_tokenizer(model_path)
     template = get_template(tokenizer, None)
     train_file = write_records(SHARED_DATA / "spo_0.json", setting.records, work / "train.json")
     eval_file = write_records(SHARED_DATA / "spo_1.json", setting.eval_records, work / "heldout.json")
@@ -513,14 +516,13 @@ def main() -> None:
                               f"eval loss {100 * (loss / stock_loss - 1):+.1f}% vs stock (target within 3%)")
             if variant == "qlora":
                 # Back to the largest threshold glibc's default would reach, for the sections after this one.
-                modeling.return_large_frees_to_system(32 << 20)
+                return_large_frees_to_system(32 << 20)
         print("\n## Training\n" + table(header, rows) + "\n" + "\n".join(ratios))
 
     if "ablate" in sections:
         header = ["project LoRA r8 with ...", "samples/s", "real tok/s", "pad", "peak GB", "train loss", "eval loss", "MFU"]
         base = runs.get("lora") or run_project(train_file, work / "project-lora", work / "cache", "lora")
         rows = [training_row("everything on", base, epoch_flops, peak_rate, None)]
-        from fora import adapters, training
 
         no_change = contextlib.nullcontext
         ablations = {
@@ -528,8 +530,8 @@ def main() -> None:
             "batches in random order": (("--group_by_length", "False"), no_change()),
             "full logits": (("--supervised_logits", "False"), no_change()),
             "adapter dropout 0.05 (the old default)": (("--lora_dropout", "0.05"), no_change()),
-            "PEFT's LoRA layers (no addmm)": ((), patched(adapters, "use_addmm_layers", lambda config, **_: config)),
-            "head loss by autograd, logits recomputed": ((), patched(training.HeadCrossEntropy, "apply", recomputed_head_loss)),
+            "PEFT's LoRA layers (no addmm)": ((), patched(lora_fast, "use_addmm_layers", lambda config, **_: config)),
+            "head loss by autograd, logits recomputed": ((), patched(HeadCrossEntropy, "apply", recomputed_head_loss)),
         }
         for name, (flags, change) in ablations.items():
             with change:

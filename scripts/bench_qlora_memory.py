@@ -9,13 +9,13 @@ Each variant runs in its own fresh subprocess: load, LoRA r8 on every linear lay
 two AdamW steps on batch 1 x --tokens random tokens, then /proc/self/status is read.
 
 Variants:
-  bf16       LoRA on the bf16 base, loaded by the project (`modeling.load_model` + `attach_adapter`)
+  bf16       LoRA on the bf16 base, loaded by the project (`load_model` + `attach_adapter`)
   nf4        QLoRA through the project's own loading path (`load_model(..., quantization_bit=4)` +
              `attach_adapter`), i.e. what train_qlora.py does
   nf4-stock  the textbook recipe for reference: from_pretrained(BitsAndBytesConfig nf4) +
              prepare_model_for_kbit_training + get_peft_model, nothing else
   nf4-mmap, nf4-upcast, nf4-notrim, nf4-heap
-             nf4 with one of fora/modeling.py's memory measures left out (see ABLATIONS): loading
+             nf4 with one of the loading path's memory measures left out (see ABLATIONS): loading
              through transformers' mmap (the fallback for remote code / .bin checkpoints, which then
              copies unquantized weights out of the map), PEFT's fp32 upcast of bf16 weights,
              gc + malloc_trim after loading, glibc's default (growing) mmap threshold
@@ -40,6 +40,7 @@ peft 0.21.2), GB after the second step:
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -47,8 +48,10 @@ import sys
 import time
 from pathlib import Path
 
+from fora.models.load import load_model
+from fora.tuners.attach import attach_adapter, count_parameters, find_linear_targets
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SHAPE = dict(
     hidden_size=2048,
@@ -62,11 +65,11 @@ SHAPE = dict(
     tie_word_embeddings=False,
 )
 # nf4 with one of fora.modeling's memory measures switched off, to see what each one saves.
-ABLATIONS = {
-    "nf4-mmap": ("_load_quantized_without_mmap", lambda *args: None),  # transformers' mmap loading
-    "nf4-upcast": ("_held_out", lambda params: contextlib.nullcontext()),  # PEFT's fp32 copies of bf16 weights
-    "nf4-notrim": ("release_freed_memory", lambda: None),  # no gc + malloc_trim after loading/preparing
-    "nf4-heap": ("return_large_frees_to_system", lambda *args: None),  # glibc's default mmap threshold
+ABLATIONS = {  # variant: the modules that call the measure, its name there, and what replaces it
+    "nf4-mmap": (("fora.models.load",), "_load_quantized_without_mmap", lambda *args: None),  # transformers' mmap loading
+    "nf4-upcast": (("fora.tuners.attach",), "_held_out", lambda params: contextlib.nullcontext()),  # PEFT's fp32 copies
+    "nf4-notrim": (("fora.models.load", "fora.tuners.attach"), "release_freed_memory", lambda: None),  # no gc + malloc_trim
+    "nf4-heap": (("fora.models.load",), "return_large_frees_to_system", lambda *args: None),  # glibc's default threshold
 }
 FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmHWM", "VmRSS")
 
@@ -134,23 +137,23 @@ def child(variant: str, model_dir: str, compute_dtype: str, steps: int, tokens: 
     """One variant, in this (fresh) process; returns the measurements."""
     import torch
 
-    from config import FinetuningArguments
-    from fora import modeling
-    from fora.run import cpu_has_bf16
+    from fora.args import FinetuningArguments
+    from fora.precision import cpu_has_bf16
 
     torch.manual_seed(0)
     dtype = getattr(torch, compute_dtype)
     finetuning = FinetuningArguments(finetuning_type="lora", lora_rank=8)
     start = time.perf_counter()
     if variant == "bf16":
-        model = modeling.load_model(model_dir, torch.bfloat16)
-        model = modeling.attach_adapter(model, finetuning)
+        model = load_model(model_dir, torch.bfloat16)
+        model = attach_adapter(model, finetuning)
     elif variant == "nf4" or variant in ABLATIONS:
         if variant in ABLATIONS:  # leave one of the loading path's memory measures out
-            name, replacement = ABLATIONS[variant]
-            setattr(modeling, name, replacement)
-        model = modeling.load_model(model_dir, dtype, quantization_bit=4)
-        model = modeling.attach_adapter(model, finetuning)
+            modules, name, replacement = ABLATIONS[variant]
+            for module in modules:
+                setattr(importlib.import_module(module), name, replacement)
+        model = load_model(model_dir, dtype, quantization_bit=4)
+        model = attach_adapter(model, finetuning)
     elif variant == "nf4-stock":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -163,13 +166,13 @@ def child(variant: str, model_dir: str, compute_dtype: str, steps: int, tokens: 
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(
-            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=modeling.find_linear_targets(model))
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=find_linear_targets(model))
         )
     else:
         raise SystemExit(f"unknown variant {variant}")
     loaded = proc_status()
     load_seconds = time.perf_counter() - start
-    trainable, total = modeling.count_parameters(model)
+    trainable, total = count_parameters(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1))

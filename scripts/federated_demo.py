@@ -38,8 +38,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fora.federated.run import parse
+from fora.federated.server_app import GlobalAdapter
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 VARIANTS = {  # adapter flags, and the script that trains the centralised and single-client adapters
     "lora": (["--finetuning_type", "lora"], "train_lora.py"),
@@ -89,9 +91,7 @@ def evaluate(federated_argv: list[str], folders: dict[str, Path]) -> dict[str, d
     run's flags (the same base, dataset, batches and, with --eval_generate, generation as its per-round scores)."""
     from safetensors.torch import load_file
 
-    from fora import federated
-
-    server = federated.GlobalAdapter(federated.parse(federated_argv))
+    server = GlobalAdapter(parse(federated_argv))
     return {name: server.evaluate(load_file(folder / "adapter_model.safetensors")) for name, folder in folders.items()}
 
 

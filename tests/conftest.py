@@ -2,14 +2,12 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -17,7 +15,7 @@ def build_tiny_model(folder: Path, chat_template: bool = True, seed: int = 0) ->
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fora.modeling import ensure_default_model
+    from fora.models.load import ensure_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     if not chat_template:
@@ -56,7 +54,7 @@ def tiny_model_plain(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from fora.run import load_tokenizer
+    from fora.models.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 

@@ -9,14 +9,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fora.adapters import (
-    AddmmLoraLinear,
-    AddmmLoraLinear4bit,
-    NoInputCastUnderAutocast,
-    add_scaled_product,
-    use_addmm_layers,
-)
-from fora.modeling import load_model
+from fora.models.load import load_model
+from fora.tuners.lora_fast import AddmmLoraLinear, AddmmLoraLinear4bit, NoInputCastUnderAutocast, add_scaled_product, use_addmm_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +111,7 @@ class CountUpcasts(TorchDispatchMode):
 def test_no_float32_copy_of_the_input_under_autocast(finetuning_type, monkeypatch):
     """A bf16 base with float32 adapters under autocast (--bf16): the input goes into the adapter as it is,
     and the output and gradients are exactly those of PEFT's cast-then-autocast path."""
-    from fusion_lora import ForaConfig
+    from fora.tuners.fora import ForaConfig
 
     class Block(nn.Module):
         def __init__(self):

@@ -18,13 +18,13 @@ import subprocess
 import sys
 
 import pytest
-
-import merge_lora
-import predict_fora
-import train_lora
-from config import MergeArguments, ModelArguments, PredictArguments, parse_args
 from conftest import ONE_THREAD, REPO, run_script, write_jsonl
+
+from fora import merge as merge_lora
+from fora.args import MergeArguments, ModelArguments, PredictArguments, parse_args
 from fora.errors import exit_on_user_error
+from fora.infer import predict as predict_fora
+from fora.train import recipe as train_lora
 
 ALPACA = {"instruction": "Extract the triples.", "input": "The pump leaks.", "output": "pump_部件故障_leaks"}
 # A JSON array whose line 3 lacks a comma.
@@ -179,14 +179,16 @@ BAD_TRAINING_FLAGS = [
     (["--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
     (["--lora_rank", "eight"], "argument --lora_rank/--lora-rank: invalid int value: 'eight'"),
     (["--lora_ranks", "8"], "unknown argument(s): --lora_ranks 8 (see --help for the flags)"),
-    (["--finetuning_type", "dora"], "--finetuning_type 'dora' is unknown; choose one of: lora, fora, full"),
+    (["--finetuning_type", "dora"],
+     "argument --finetuning_type/--finetuning-type: invalid choice: 'dora' (choose from 'lora', 'fora', 'full')"),
     (
         ["--template", "qwen3"],
-        "--template 'qwen3' is unknown; choose one of: auto, chat_template, default, empty, alpaca, vicuna, "
-        "chatml, qwen, llama2, llama3, baichuan, baichuan2, chatglm2, chatglm3, internlm2",
+        "argument --template: invalid choice: 'qwen3' (choose from 'auto', 'chat_template', 'default', 'empty', 'alpaca', "
+        "'vicuna', 'chatml', 'qwen', 'llama2', 'llama3', 'baichuan', 'baichuan2', 'chatglm2', 'chatglm3', 'internlm2')",
     ),
-    (["--quantization_bit", "3"], "--quantization_bit must be 4 or 8, got 3"),
-    (["--torch_dtype", "float8"], "--torch_dtype 'float8' is unknown; choose one of: auto, float32, bfloat16, float16"),
+    (["--quantization_bit", "3"], "argument --quantization_bit/--quantization-bit: invalid choice: '3' (choose from 4, 8)"),
+    (["--torch_dtype", "float8"],
+     "argument --torch_dtype/--torch-dtype: invalid choice: 'float8' (choose from 'auto', 'float32', 'bfloat16', 'float16')"),
     (["--lr_scheduler_type", "reduce_lr_on_plateau"], "lr_scheduler_type reduce_lr_on_plateau requires an eval strategy"),
 ]
 
@@ -363,7 +365,7 @@ def test_predict_with_an_adapter_for_another_architecture(predict, foreign_adapt
 
 def test_predict_with_an_unknown_template_is_refused_before_the_model_is_looked_for(predict, tmp_path):
     line = predict("--template", "qwen3", "--ori_model_dir", tmp_path / "no-model")
-    assert line.startswith("error: --template 'qwen3' is unknown; choose one of: auto, chat_template, default")
+    assert line.startswith("error: argument --template: invalid choice: 'qwen3' (choose from 'auto', 'chat_template'")
 
 
 def test_predict_with_a_model_folder_without_weights(predict, tmp_path, tiny_model):
@@ -380,7 +382,7 @@ def test_predict_output_that_exists_and_is_not_ours(predict, tmp_path):
     out.mkdir()
     (out / "generated_predictions.jsonl").write_text("my own notes\n")
     assert predict("--output_dir", out) == (
-        f"error: --output_dir {out} already holds generated_predictions.jsonl from an earlier run; "
+        f"error: --output_dir {out} holds an earlier run (generated_predictions.jsonl); "
         "pass --overwrite_output_dir to replace it or choose another --output_dir"
     )
     assert snapshot(out) == {"generated_predictions.jsonl": b"my own notes\n"}

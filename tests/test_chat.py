@@ -17,9 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_predict import peft_adapter
-
 from conftest import ONE_THREAD, REPO, run_script
+from test_predict import peft_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +33,8 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_model(adapter):
-    from config import ChatArguments
-    from fora.chat import ChatModel
+    from fora.args import ChatArguments
+    from fora.infer.chat import ChatModel
 
     return ChatModel(ChatArguments(model_dir=str(adapter)))
 
@@ -52,9 +51,9 @@ def reply(model, history, exchange, side, settings, seed=0) -> str:
 
 def test_prompt_is_the_one_prediction_builds(chat_model):
     """History and system prompt go through the template and cut of training and prediction."""
-    from fora.chat import FINE_TUNED, Exchange, Settings
-    from fora.data import Conversation
-    from fora.generate import build_prompt
+    from fora.data.formats import Conversation
+    from fora.infer.chat import FINE_TUNED, Exchange, Settings
+    from fora.infer.generate import build_prompt
 
     history = [Exchange("hi", {FINE_TUNED: "hello there"})]
     ids, notes = chat_model.prompt(history, "and now?", FINE_TUNED, Settings(8, 0.0, 1.0, "Be brief."))
@@ -66,9 +65,9 @@ def test_prompt_is_the_one_prediction_builds(chat_model):
 
 
 def test_oldest_turns_are_left_out_to_fit_the_context(chat_model):
-    from fora.chat import FINE_TUNED, Exchange, Settings
-    from fora.data import Conversation
-    from fora.generate import build_prompt
+    from fora.data.formats import Conversation
+    from fora.infer.chat import FINE_TUNED, Exchange, Settings
+    from fora.infer.generate import build_prompt
 
     history = [Exchange(f"question {i} " + "word " * 40, {FINE_TUNED: f"answer {i} " + "more " * 40}) for i in range(6)]
     turns = [(e.user, e.replies[FINE_TUNED]) for e in history] + [("the last question", None)]
@@ -90,8 +89,8 @@ def test_oldest_turns_are_left_out_to_fit_the_context(chat_model):
 
 def test_base_side_is_the_base_model_and_the_adapter_comes_back(chat_model, tiny_model):
     """Side by side: the base reply is the base model's own (adapter off), the fine-tuned one is not."""
-    from config import ChatArguments
-    from fora.chat import BASE, FINE_TUNED, ChatModel, Exchange, Settings
+    from fora.args import ChatArguments
+    from fora.infer.chat import BASE, FINE_TUNED, ChatModel, Exchange, Settings
 
     settings = Settings(12, 1.0, 1.0)  # sampled with a fixed seed: the same prompt gives the same text
     fine_tuned = reply(chat_model, [], Exchange("hi"), FINE_TUNED, settings)
@@ -105,7 +104,7 @@ def test_base_side_is_the_base_model_and_the_adapter_comes_back(chat_model, tiny
 def test_stopped_reply_keeps_what_was_generated(chat_model):
     """Closing the stream (the page reran, Ctrl-C) or settling from another thread (Streamlit's next run)
     stops generation at once and keeps the text so far, marked stopped."""
-    from fora.chat import FINE_TUNED, Exchange, Settings
+    from fora.infer.chat import FINE_TUNED, Exchange, Settings
 
     settings = Settings(1000, 1.0, 1.0)
     exchange = Exchange("tell me everything")
@@ -233,8 +232,8 @@ def test_terminal_two_turns_clear_exit(adapter):
 
 
 def test_terminal_mistakes_are_one_line(adapter, tiny_model, tmp_path):
-    import cli_demo
     from fora.errors import UserError
+    from fora.infer import terminal as cli_demo
 
     broken = tmp_path / "broken"
     shutil.copytree(adapter, broken)

@@ -6,9 +6,8 @@ import socket
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ONE_THREAD, REPO, run_script, write_jsonl
+from safetensors.torch import load_file
 
 PYTHON = shutil.which("python") or "python"
 
@@ -58,7 +57,7 @@ def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, ti
 
 def test_bf16_trains_under_autocast(tmp_path, tiny_model):
     """--bf16 on a CPU with native bf16: a bf16 base, autocast forward, the head loss outside it (float32 elsewhere)."""
-    from fora.run import cpu_has_bf16
+    from fora.precision import cpu_has_bf16
 
     out, result = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", "--bf16")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -289,7 +288,7 @@ RESUME_READS = {  # every pickled file a resume of a split's checkpoint-12 reads
 @pytest.mark.parametrize("split", RESUME_READS)
 def test_a_payload_in_any_file_a_resume_reads_is_refused_before_it_loads(tmp_path, split_runs, split):
     from fora.errors import UserError
-    from fora.training import check_checkpoint_holds_only_data
+    from fora.train.checkpoints import check_checkpoint_holds_only_data
 
     honest = split_runs(split)[0] / "checkpoint-12"
     pickled = {str(p.relative_to(honest)) for p in honest.rglob("*") if p.suffix in (".pt", ".pth", ".bin")}

@@ -5,15 +5,9 @@ import json
 import pytest
 import torch
 
-from config import (
-    DataArguments,
-    FinetuningArguments,
-    ModelArguments,
-    TrainArguments,
-    parse_args,
-)
+from fora.args import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
 from fora.errors import UserError
-from fora.run import cpu_has_bf16, training_dtype
+from fora.precision import cpu_has_bf16
 
 ALL = (ModelArguments, DataArguments, FinetuningArguments, TrainArguments)
 
@@ -156,9 +150,12 @@ def test_use_lora_false_is_full_fine_tuning(out, finetuning_type):
         (["--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
         (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1), got 1.0"),
         (["--fora_mid_ratio", "0"], "--fora_mid_ratio must be in (0, 1], got 0.0"),
-        (["--finetuning_type", "qlora"], "--finetuning_type 'qlora' is unknown; choose one of: lora, fora, full"),
-        (["--data_format", "csv"], "--data_format 'csv' is unknown"),
-        (["--empty_response", "drop"], "--empty_response 'drop' is unknown; choose train, skip or error"),
+        (["--finetuning_type", "qlora"],
+         "argument --finetuning_type/--finetuning-type: invalid choice: 'qlora' (choose from 'lora', 'fora', 'full')"),
+        (["--data_format", "csv"], "argument --data_format/--data-format: invalid choice: 'csv' (choose from 'auto', "
+                                   "'alpaca', 'promptcblue', 'columns', 'xtuner', 'sharegpt')"),
+        (["--empty_response", "drop"],
+         "argument --empty_response/--empty-response: invalid choice: 'drop' (choose from 'train', 'skip', 'error')"),
         (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1), got 1.5"),
     ],
 )
@@ -198,7 +195,8 @@ def test_logging_dir_defaults_under_the_output_dir(out):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies without CUDA")
 def test_fp16_falls_back_with_one_warning_line(out, capfd):
     model, _, _, training = parse(out, "--fp16", "--torch_dtype", "float16")
-    dtype = training_dtype(model, training)
+    training.precision.report()
+    dtype = training.precision.torch_dtype
     cpu_half = "bfloat16" if cpu_has_bf16() else "float32"
     assert dtype == getattr(torch, cpu_half) and not training.fp16
     assert training.bf16 == cpu_has_bf16()
@@ -209,7 +207,8 @@ def test_fp16_falls_back_with_one_warning_line(out, capfd):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies without CUDA")
 def test_fp16_alone_warns_once_and_auto_dtype_follows(out, capfd):
     model, _, _, training = parse(out, "--fp16")
-    dtype = training_dtype(model, training)
+    training.precision.report()
+    dtype = training.precision.torch_dtype
     cpu_half = "bfloat16" if cpu_has_bf16() else "float32"
     assert dtype == getattr(torch, cpu_half)
     assert capfd.readouterr().err.splitlines() == [f"warning: no CUDA here; --fp16 -> {cpu_half} on this CPU"]
@@ -218,7 +217,8 @@ def test_fp16_alone_warns_once_and_auto_dtype_follows(out, capfd):
 def test_no_precision_flags_no_warning(out, capfd):
     """No flag: the machine's native half precision (bf16 on such a CPU, else float32), and no warning."""
     model, _, _, training = parse(out)
-    assert training_dtype(model, training) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    training.precision.report()
+    assert training.precision.torch_dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     assert capfd.readouterr().err == ""
 
 

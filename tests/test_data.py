@@ -6,14 +6,17 @@ import re
 from dataclasses import replace
 
 import pytest
-
-from config import DataArguments
 from conftest import SHARED_DATA, write_jsonl
-from fora.data import IGNORE_INDEX, build_dataset, encode, load_conversations, read_records, tokenize_conversation
+
+from fora.args import DataArguments
+from fora.data.collator import PaddingCollator
+from fora.data.dataset import build_dataset
+from fora.data.encode import IGNORE_INDEX, encode, tokenize_conversation
+from fora.data.formats import load_conversations
+from fora.data.records import read_records
+from fora.data.templates import NAMED_TEMPLATES, Segment, get_template
 from fora.errors import UserError
-from fora.run import load_tokenizer
-from fora.templates import NAMED_TEMPLATES, Segment, get_template
-from fora.training import PaddingCollator
+from fora.models.tokenizer import load_tokenizer
 
 ALPACA = {"instruction": "Extract the triples.", "input": "The pump leaks.", "output": "pump_部件故障_leaks"}
 

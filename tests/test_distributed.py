@@ -4,7 +4,7 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
 
-from fora.training import GlobalBatchSampler
+from fora.train.sampler import GlobalBatchSampler
 
 LENGTHS = [(7 * i) % 23 + 1 for i in range(30)]  # 30 records: a short last global batch at 4 and 8
 

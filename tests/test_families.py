@@ -1,6 +1,6 @@
 """Remote-code families written for transformers 4.x (Baichuan, Baichuan2, ChatGLM2/3, InternLM2) under the installed
 transformers: fixture folders reproducing their published API patterns (tests/fixtures), loaded with
---trust_remote_code through fora.compat, trained, predicted, merged and prompted as users do."""
+--trust_remote_code through fora.models.compat, trained, predicted, merged and prompted as users do."""
 
 import json
 import sys
@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_script, write_jsonl
+from fixtures import families, shape
 from sentencepiece import SentencePieceProcessor
 
-from conftest import REPO, run_script, write_jsonl
-from fora import data, generate, modeling
+from fora.data.encode import encode, tokenize_conversation
+from fora.data.templates import Segment, get_template
 from fora.errors import UserError
-from fora.run import RunRecord, load_tokenizer
-from fora.templates import Segment, get_template
-
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-import families  # noqa: E402  (tests/fixtures/families.py)
-import shape  # noqa: E402  (tests/fixtures/shape.py)
+from fora.infer import generate
+from fora.models.inference import load_inference_model
+from fora.models.load import load_model
+from fora.models.tokenizer import load_tokenizer
+from fora.run import RunRecord
+from fora.tuners.attach import attach_adapter, load_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +100,7 @@ def test_template_auto_gives_the_documented_prompt_and_masks_it(family, family_f
     assert prompt == documented_prompt(family, folder, QUESTION)
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     assert response == sp.encode(ANSWER) + [documented_reply_end(family, folder)]
-    ids, labels, _ = data.encode([Segment(prompt, response)], 512, 512)
+    ids, labels, _ = encode([Segment(prompt, response)], 512, 512)
     assert ids == prompt + response and labels == [-100] * len(prompt) + response
 
 
@@ -125,7 +127,7 @@ def test_every_class_auto_map_names_loads(family, family_folders, tmp_path):
     import transformers
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from fora import compat
+    from fora.models import compat
 
     folder = family_folders[family]
     compat.prepare_remote_code(str(folder), trust_remote_code=families.OWN_CODE)
@@ -188,7 +190,7 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
     """generate() through compat's legacy-cache plumbing, left-padded batches included (ChatGLM's and
     Baichuan2-7B's positions), gives what full forward passes give; Baichuan2's generation_config.json
     (sampling, repetition_penalty 1.05) is not inherited."""
-    model, tokenizer, _ = modeling.load_inference_model(None, str(family_folders[family]), trust_remote_code=families.OWN_CODE)
+    model, tokenizer, _ = load_inference_model(None, str(family_folders[family]), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
     prompts = [template.encode(tokenizer, None, [(r["instruction"], None)])[0][0] for r in RECORDS]
     assert len({len(p) for p in prompts}) > 1  # the batch is padded
@@ -211,7 +213,7 @@ def test_cached_batched_greedy_equals_a_plain_argmax_loop(family, family_folders
 
 def train(folder, train_file, out, finetuning_type):
     """train_lora.py / train_qlora.py's main in this process (train_qlora differs only in its 4-bit default)."""
-    import train_lora
+    from fora.train import recipe as train_lora
 
     train_lora.main([
         "--train_file", str(train_file), "--model_name_or_path", str(folder), "--trust_remote_code",
@@ -231,8 +233,8 @@ def logits(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("finetuning_type", ["lora", "fora", "qlora"])
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_train_predict_merge(family, finetuning_type, family_folders, train_file, tmp_path, capsys):
-    import merge_lora
-    import predict_fora
+    from fora import merge as merge_lora
+    from fora.infer import predict as predict_fora
 
     folder = family_folders[family]
     adapter = tmp_path / "adapter"
@@ -264,11 +266,11 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
         assert (merged / name).read_bytes() == (folder / name).read_bytes()
     ids = documented_prompt(family, folder, QUESTION)
     bits = 4 if finetuning_type == "qlora" else None
-    base = modeling.load_model(str(folder), torch.float32, True, bits)
+    base = load_model(str(folder), torch.float32, True, bits)
     # A 4-bit base runs in train mode (nothing drops out), as test_merge.py explains.
-    unmerged = logits(modeling.load_adapter(base, str(adapter)).train(bits is not None), ids)
-    merged_logits = logits(modeling.load_model(str(merged), torch.float32, True).eval(), ids)
-    plain = logits(modeling.load_model(str(folder), torch.float32, True).eval(), ids)
+    unmerged = logits(load_adapter(base, str(adapter)).train(bits is not None), ids)
+    merged_logits = logits(load_model(str(merged), torch.float32, True).eval(), ids)
+    plain = logits(load_model(str(folder), torch.float32, True).eval(), ids)
     error = ((merged_logits - unmerged).abs().max() / unmerged.abs().max()).item()
     assert error < (2e-3 if bits else 1e-5), error
     assert (merged_logits - plain).abs().max() > 100 * (merged_logits - unmerged).abs().max()  # the adapter shows
@@ -278,7 +280,7 @@ def test_train_predict_merge(family, finetuning_type, family_folders, train_file
 def test_gradient_checkpointing_trains(family, family_folders, train_file, tmp_path):
     """--gradient_checkpointing reaches the family's own checkpointing code (ChatGLM2's `_set_gradient_checkpointing(module,
     value)`, ChatGLM3's `gradient_checkpointing_enable` override, which takes fewer arguments than transformers 5 passes)."""
-    import train_lora
+    from fora.train import recipe as train_lora
 
     train_lora.main([
         "--train_file", str(train_file), "--model_name_or_path", str(family_folders[family]), "--trust_remote_code",
@@ -310,10 +312,10 @@ def test_missing_trust_remote_code_exits_2_with_one_line(family_folders, train_f
 
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_missing_trust_remote_code_in_every_entry_point(family, family_folders, train_file, tmp_path):
-    import merge_lora
-    import predict_fora
-    import train_lora
-    from config import FinetuningArguments
+    from fora import merge as merge_lora
+    from fora.args import FinetuningArguments
+    from fora.infer import predict as predict_fora
+    from fora.train import recipe as train_lora
 
     folder = family_folders[family]
     message = one_line_error(lambda: train_lora.main([
@@ -326,7 +328,7 @@ def test_missing_trust_remote_code_in_every_entry_point(family, family_folders, 
     assert message.startswith(f"--ori_model_dir {folder}: ") and "--trust_remote_code" in message
     # An adapter whose record does not say remote code: merge meets the base folder's own code.
     adapter = tmp_path / "adapter"
-    model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
+    model = attach_adapter(load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
     model.save_pretrained(adapter)
     RunRecord(base_model=str(folder), finetuning_type="lora", torch_dtype="float32").save(adapter)
     message = one_line_error(lambda: merge_lora.main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "m")]))
@@ -336,17 +338,18 @@ def test_missing_trust_remote_code_in_every_entry_point(family, family_folders, 
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders, tmp_path):
     """These families' forward takes no `logits_to_keep`: the Trainer's loss is the cross-entropy of the full logits."""
-    from config import FinetuningArguments, TrainArguments
-    from fora.training import PaddingCollator, SupervisedTrainer
+    from fora.args import FinetuningArguments, TrainArguments
+    from fora.data.collator import PaddingCollator
+    from fora.train.trainer import SupervisedTrainer
 
     folder = family_folders[family]
     tokenizer = load_tokenizer(str(folder), trust_remote_code=families.OWN_CODE)
     template = get_template(tokenizer, "auto")
-    model = modeling.attach_adapter(modeling.load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
+    model = attach_adapter(load_model(str(folder), torch.float32, True), FinetuningArguments(lora_rank=2))
     trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none"))
     assert not trainer.head_on_selected
     features = [
-        data.tokenize_conversation({"where": "record", "system": None, "turns": [(r["instruction"], r["output"])]},
+        tokenize_conversation({"where": "record", "system": None, "turns": [(r["instruction"], r["output"])]},
                                    tokenizer, template, 64, 64)
         for r in RECORDS[:2]
     ]
@@ -382,7 +385,7 @@ class StubTokenizer:
     ],
 )
 def test_family_template_from_config_and_tokenizer(model_type, generation, tokens, expected, tmp_path):
-    from fora.templates import family_template
+    from fora.data.templates import family_template
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     if generation:
@@ -392,8 +395,8 @@ def test_family_template_from_config_and_tokenizer(model_type, generation, token
 
 def test_family_template_with_a_broken_generation_config(tmp_path):
     """A hand-edited generation_config.json that is not JSON is a one-line error naming the file and line."""
+    from fora.data.templates import family_template
     from fora.errors import UserError
-    from fora.templates import family_template
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "baichuan"}))
     (tmp_path / "generation_config.json").write_text('{\n  "user_token_id": 195,\n}')
@@ -405,7 +408,7 @@ def test_model_scripts_name_existing_configs_and_templates():
     """Every scripts/models/*.sh names a configs/ file that exists and a template fora knows."""
     import re
 
-    from fora.templates import NAMED_TEMPLATES
+    from fora.data.templates import NAMED_TEMPLATES
 
     scripts = sorted((REPO / "scripts" / "models").glob("*.sh"))
     assert len(scripts) >= 13

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, REPO, run_script, write_jsonl
+from fora.federated.run import adapter_state, parse
+from fora.federated.server_app import GlobalAdapter
+from fora.models.load import load_model
+from fora.tuners.attach import attach_adapter
 
 PYTHON = shutil.which("python") or "python"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +77,7 @@ def flower_log():
 
 
 def test_aggregation_is_the_example_weighted_mean_tensor_by_tensor():
-    from fora.federated import AdapterAveraging
+    from fora.federated.strategy import AdapterAveraging
 
     states, counts = random_states(3), [5, 20, 75]
     strategy = AdapterAveraging(min_fit_clients=3, proximal_mu=0.0)
@@ -106,7 +110,7 @@ def test_the_server_step_follows_fedavgm(stamped_messages):
     """x_{t+1} = x_t - lr·v_t with v_t = momentum·v_{t-1} + (x_t - weighted mean of the replies), over two rounds."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from fora.federated import AdapterAveraging
+    from fora.federated.strategy import AdapterAveraging
 
     lr, momentum, counts = 2.5, 0.5, [3, 1]
     start, *replies = random_states(5)
@@ -131,8 +135,8 @@ def test_the_adamw_server_step_is_adam_on_the_mean_change_over_the_client_rate(s
     linear schedule over --num_rounds steps (rate, then half of it)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from config import FederatedArguments, TrainArguments
-    from fora.federated import AdapterAveraging, ServerAdamW
+    from fora.args import FederatedArguments, TrainArguments
+    from fora.federated.strategy import AdapterAveraging, ServerAdamW
 
     lr, client_lr, beta1, beta2, eps, decay, max_norm, counts = 0.1, 0.05, 0.8, 0.9, 1e-6, 0.01, 2.0, [3, 1]
     training = TrainArguments(output_dir=str(tmp_path), report_to="none", learning_rate=lr, lr_scheduler_type="linear",
@@ -167,8 +171,10 @@ def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the
     no schedule. One local step moves the adapter by -rate x the gradient of the model's own loss on the
     round's batch, computed here by a plain forward and backward; rounds 1 and 2 take the two halves of the
     client's 8 records."""
-    from fora.federated import Site, adapter_state, load_adapter_state, parse, round_indices
-    from fora.training import PaddingCollator
+    from fora.data.collator import PaddingCollator
+    from fora.federated.client_app import Site
+    from fora.federated.partition import round_indices
+    from fora.federated.run import adapter_state, load_adapter_state, parse
 
     client_lr, seed = 0.5, 42
     client_file = write_jsonl(tmp_path / "client.jsonl", train_records(8))
@@ -212,7 +218,7 @@ def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the
 def test_client_rounds_go_through_every_record_before_any_repeats():
     """Round r takes records (r-1)*k .. r*k-1 of one stream of seeded shuffled passes: every pass is a
     permutation, passes differ, a round may straddle two passes, and the same seed gives the same stream."""
-    from fora.federated import round_indices
+    from fora.federated.partition import round_indices
 
     num_records, per_round = 10, 4
     stream = [i for r in range(1, 11) for i in round_indices(num_records, per_round, r, seed=7)]
@@ -226,7 +232,7 @@ def test_client_rounds_go_through_every_record_before_any_repeats():
 
 
 def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_remain(flower_log):
-    from fora.federated import AdapterAveraging
+    from fora.federated.strategy import AdapterAveraging
 
     (state,) = random_states(1)
     reason = "ClientAppException: client 1: ValueError: out of memory in step 2\nTraceback ..."
@@ -249,7 +255,7 @@ def test_a_failed_client_is_named_and_the_round_goes_on_while_min_fit_clients_re
 def test_a_client_that_does_not_answer_in_time_is_named(flower_log, stamped_messages):
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from fora.federated import AdapterAveraging
+    from fora.federated.strategy import AdapterAveraging
 
     (state,) = random_states(1)
     strategy = AdapterAveraging(min_fit_clients=1, proximal_mu=0.25)
@@ -266,9 +272,8 @@ def test_a_client_that_does_not_answer_in_time_is_named(flower_log, stamped_mess
 
 
 def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradient(tmp_path, tiny_model):
-    from config import FinetuningArguments, TrainArguments
-    from fora import modeling
-    from fora.federated import ClientTrainer
+    from fora.args import FinetuningArguments, TrainArguments
+    from fora.federated.client_app import ClientTrainer
 
     batch = {"input_ids": torch.tensor([[1, 20, 30, 40, 50, 60]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
              "labels": torch.tensor([[-100, -100, 30, 40, 50, 60]])}
@@ -276,7 +281,7 @@ def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradien
 
     def gradients(mu: float) -> tuple[dict, dict]:
         torch.manual_seed(0)
-        model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
+        model = attach_adapter(load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
         trainer = ClientTrainer(model=model, args=args, proximal_mu=mu)
         global_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad():  # the client has moved away from the global adapter
@@ -307,14 +312,13 @@ def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter_to_the_gradien
 def test_client_rounds_follow_one_schedule_over_all_rounds(tmp_path, tiny_model, schedule):
     """Round r's local steps take the rates of steps (r-1)*n .. r*n-1 of one schedule over rounds*n steps,
     warmup included once: the rates train_lora.py uses over the same total steps."""
-    from config import FinetuningArguments, TrainArguments
-    from fora import modeling
-    from fora.federated import ClientTrainer
+    from fora.args import FinetuningArguments, TrainArguments
+    from fora.federated.client_app import ClientTrainer
 
     rounds, local_steps, peak = 3, 4, 1e-3
     args = TrainArguments(output_dir=str(tmp_path), report_to="none", learning_rate=peak,
                           lr_scheduler_type=schedule, warmup_ratio=0.1, max_steps=local_steps)
-    model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
+    model = attach_adapter(load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
     rates = []
     for server_round in range(1, rounds + 1):
         trainer = ClientTrainer(model=model, args=args, server_round=server_round, num_rounds=rounds)
@@ -341,7 +345,8 @@ def test_client_rounds_follow_one_schedule_over_all_rounds(tmp_path, tiny_model,
 
 def test_a_simulated_client_reads_its_own_client_file(tmp_path):
     """--partition files: client N trains on the N-th --client_files entry (not on a share of --train_file)."""
-    from fora.federated import parse, simulated_client_file
+    from fora.federated.partition import simulated_client_file
+    from fora.federated.run import parse
 
     common = ["--output_dir", str(tmp_path / "out"), "--num_clients", "2"]
     run = parse([*common, "--partition", "files", "--client_files", "a.json,b.json"])
@@ -351,8 +356,8 @@ def test_a_simulated_client_reads_its_own_client_file(tmp_path):
 
 
 def test_partitions_are_seeded_disjoint_and_by_field_keep_each_value_on_one_client():
-    from fora.data import Record
-    from fora.federated import split_by_field, split_iid
+    from fora.data.records import Record
+    from fora.federated.partition import split_by_field, split_iid
 
     shares = split_iid(10, 3, seed=1)
     assert sorted(i for s in shares for i in s) == list(range(10)) and sorted(map(len, shares)) == [3, 3, 4]
@@ -412,9 +417,8 @@ def test_only_adapter_tensors_travel(federated_run, tiny_model):
     from flwr.app import ArrayRecord
     from safetensors import safe_open
 
-    from config import FinetuningArguments
-    from fora import modeling
-    from fora.federated import adapter_state
+    from fora.args import FinetuningArguments
+    from fora.federated.run import adapter_state
 
     out, *_ = federated_run
     history = json.loads((out / "federated_history.json").read_text())
@@ -427,7 +431,7 @@ def test_only_adapter_tensors_travel(federated_run, tiny_model):
             assert client["download_bytes"] == client["upload_bytes"] == adapter_bytes
     assert adapter_bytes < base_bytes / 20 and history["base_model_bytes"] >= base_bytes * 0.9
     # What a client sends: the adapter's tensors by PEFT's names, no tensor of the base model.
-    model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
+    model = attach_adapter(load_model(str(tiny_model), torch.float32), FinetuningArguments(lora_rank=4))
     payload = adapter_state(model)
     assert set(payload) == set(adapter)
     base_names = set(model.get_base_model().state_dict())
@@ -453,7 +457,6 @@ def test_eval_generate_scores_as_predict_fora_does(federated_run, tmp_path, tiny
     """Every round has ROUGE-L/BLEU-4, and the server's scorer gives what predict_fora.py gives the same model
     (the initial global adapter, lora_B = 0, on a tiny model that answers words), on labels that are half
     the model's own answers, so neither score is 0 or 100."""
-    from fora import federated
 
     out, _, flags = federated_run
     rounds = json.loads((out / "federated_history.json").read_text())["rounds"]
@@ -478,8 +481,8 @@ def test_eval_generate_scores_as_predict_fora_does(federated_run, tmp_path, tiny
     assert 10 < expected["rouge-l"] < 90, expected
 
     argv = flags + ["--model_name_or_path", str(model), "--validation_file", str(labelled), "--output_dir", str(tmp_path / "server")]
-    server = federated.GlobalAdapter(federated.parse(argv))  # (the last of a repeated flag wins)
-    scores = server.evaluate(federated.adapter_state(server.model))
+    server = GlobalAdapter(parse(argv))  # (the last of a repeated flag wins)
+    scores = server.evaluate(adapter_state(server.model))
     assert (scores["rouge-l"], scores["bleu-4"]) == (expected["rouge-l"], expected["bleu-4"])
 
 
@@ -545,8 +548,8 @@ def test_fora_clients_on_a_4bit_base(tmp_path, tiny_model):
     ],
 )
 def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, expected):
-    import train_federated
     from fora.errors import UserError
+    from fora.federated import simulation as train_federated
 
     good = write_jsonl(tmp_path / "good.json", train_records(3))
     (tmp_path / "bad.json").write_text(json.dumps(train_records(1)[0]) + "\n{not json\n", encoding="utf-8")
@@ -725,7 +728,7 @@ def test_dp_clipping_bounds_each_client_update_when_the_server_asks(monkeypatch)
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fora.federated import clip_when_asked
+    from fora.federated.client_app import clip_when_asked
 
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
@@ -750,13 +753,12 @@ def test_dp_clipping_bounds_each_client_update_when_the_server_asks(monkeypatch)
 
 def test_a_fora_adapter_travels_whole_between_two_sites(tiny_model):
     """FoRA's extra factors are part of what travels: a second site that loads the tensors computes the same outputs."""
-    from config import FinetuningArguments
-    from fora import modeling
-    from fora.federated import adapter_state, load_adapter_state
+    from fora.args import FinetuningArguments
+    from fora.federated.run import adapter_state, load_adapter_state
 
     def site(seed: int):
         torch.manual_seed(seed)
-        model = modeling.attach_adapter(modeling.load_model(str(tiny_model), torch.float32),
+        model = attach_adapter(load_model(str(tiny_model), torch.float32),
                                         FinetuningArguments(finetuning_type="fora", lora_rank=4))
         with torch.no_grad():  # a trained adapter: every factor away from its initial value
             for p in model.parameters():

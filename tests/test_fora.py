@@ -22,14 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from fusion_lora import (
-    ForaConfig,
-    ForaLinear,
-    ForaLinear4bit,
-    ForaLinear8bitLt,
-    ForaLinearVariant,
-    load_fora_config,
-)
+from fora.tuners.fora import ForaConfig, ForaLinear, ForaLinear4bit, ForaLinear8bitLt, ForaLinearVariant, load_fora_config
 
 R, ALPHA = 4, 8
 S = ALPHA / R

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ONE_THREAD, REPO, run_script
+from safetensors.torch import load_file
 
 GOLDEN = REPO / "tests" / "golden"
 RECORD = os.environ.get("FORA_RECORD_GOLDEN") == "1"

@@ -1,6 +1,6 @@
 """The training loss equals each architecture's own `model(input_ids, attention_mask, labels).loss`.
 
-Every model type on the proven list (training.SUPERVISED_LOSS_MODELS) is built tiny from its config and
+Every model type on the proven list (SUPERVISED_LOSS_MODELS) is built tiny from its config and
 trained in full (every parameter, the output layer too) through SupervisedTrainer.compute_loss on a
 right-padded batch from PaddingCollator, exactly as the Trainer calls it: supervised positions only, no
 padding mask. Loss and gradients must equal the model's own loss on the same batch with its mask.
@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from config import TrainArguments
-from fora import training
-from fora.training import PaddingCollator, SupervisedTrainer, plain_logits
+from fora.args import TrainArguments
+from fora.data.collator import PaddingCollator
+from fora.train.loss import SUPERVISED_LOSS_MODELS, plain_logits
+from fora.train.trainer import SupervisedTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,8 +119,8 @@ def parity_errors(model_type: str, overrides: dict, tmp_path) -> tuple[Supervise
 
 
 def test_the_proven_list_is_what_this_file_proves():
-    assert REQUIRED <= set(training.SUPERVISED_LOSS_MODELS)
-    assert set(training.SUPERVISED_LOSS_MODELS) == set(ARCHITECTURES)
+    assert REQUIRED <= set(SUPERVISED_LOSS_MODELS)
+    assert set(SUPERVISED_LOSS_MODELS) == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("model_type, overrides", CASES)
@@ -141,18 +142,18 @@ def test_loss_and_gradients_equal_the_models_own(model_type, overrides, tmp_path
 
 
 @pytest.mark.parametrize(
-    "model_type", [t for t, output in training.SUPERVISED_LOSS_MODELS.items() if output is not plain_logits]
+    "model_type", [t for t, output in SUPERVISED_LOSS_MODELS.items() if output is not plain_logits]
 )
 def test_the_parity_check_fails_without_the_post_processing(model_type, tmp_path, monkeypatch):
     """The tiny configs' scales and softcaps matter: the raw output layer's loss is far from the model's."""
-    monkeypatch.setitem(training.SUPERVISED_LOSS_MODELS, model_type, plain_logits)
+    monkeypatch.setitem(SUPERVISED_LOSS_MODELS, model_type, plain_logits)
     _, loss_error, grad_errors = parity_errors(model_type, ARCHITECTURES[model_type], tmp_path)
     assert loss_error > 100 * TOLERANCE and max(grad_errors.values()) > 100 * TOLERANCE
 
 
 def test_an_architecture_not_on_the_list_gets_full_logits_and_says_so_once(tmp_path, monkeypatch, caplog):
-    monkeypatch.delitem(training.SUPERVISED_LOSS_MODELS, "gemma2")
-    with caplog.at_level(logging.WARNING, logger="fora.training"):
+    monkeypatch.delitem(SUPERVISED_LOSS_MODELS, "gemma2")
+    with caplog.at_level(logging.WARNING, logger="fora.train.trainer"):
         trainer, loss_error, grad_errors = parity_errors("gemma2", ARCHITECTURES["gemma2"], tmp_path)
         trainer.compute_loss(trainer.model, padded_batch())
         SupervisedTrainer(

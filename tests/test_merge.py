@@ -5,13 +5,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, run_script
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from config import FinetuningArguments
-from conftest import REPO, run_script
-from fora import modeling
+from fora.args import FinetuningArguments
+from fora.models.load import load_model
 from fora.run import RunRecord
+from fora.tuners.attach import attach_adapter, load_adapter
 
 TOKENS = torch.tensor([[1, 17, 400, 2301, 77, 5, 9000, 33, 120, 8]])
 
@@ -22,9 +23,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def make_adapter(base, folder, finetuning_type="lora", quantization_bit=None, seed=0):
     """An adapter on `base` with every factor random (B and D too, so ΔW is far from zero), saved as training does."""
-    model = modeling.load_model(str(base), torch.float32, quantization_bit=quantization_bit)
+    model = load_model(str(base), torch.float32, quantization_bit=quantization_bit)
     args = FinetuningArguments(finetuning_type=finetuning_type, lora_rank=4, lora_dropout=0.0)
-    model = modeling.attach_adapter(model, args)
+    model = attach_adapter(model, args)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -38,11 +39,11 @@ def make_adapter(base, folder, finetuning_type="lora", quantization_bit=None, se
 
 @torch.no_grad()
 def adapter_logits(base, adapter, quantization_bit=None) -> torch.Tensor:
-    model = modeling.load_model(str(base), torch.float32, quantization_bit=quantization_bit)
+    model = load_model(str(base), torch.float32, quantization_bit=quantization_bit)
     # A 4-bit base runs in train mode (nothing here drops out): bitsandbytes then dequantizes and multiplies
     # in float32, as training did. In eval mode on CPUs with AVX512-BF16 it repacks the 4-bit weights for
     # an inference kernel that rounds differently (0.4% of the logits on the tiny model).
-    model = modeling.load_adapter(model, str(adapter)).train(quantization_bit is not None)
+    model = load_adapter(model, str(adapter)).train(quantization_bit is not None)
     return model(input_ids=TOKENS).logits
 
 
@@ -53,7 +54,7 @@ def plain_logits(folder) -> torch.Tensor:
 
 
 def merge(*argv):
-    import merge_lora
+    from fora import merge as merge_lora
 
     merge_lora.main([str(a) for a in argv])
 
@@ -163,8 +164,8 @@ def existing_model(tmp_path):
         ("not_an_adapter", "not an adapter folder"),
         ("other_base", "another base model"),
         ("missing_base", "no such folder"),
-        ("output_holds_model", "already holds a model"),
-        ("output_not_empty", "is not empty"),
+        ("output_holds_model", "holds an earlier run (config.json)"),
+        ("output_not_empty", "holds an earlier run (notes.txt)"),
         ("overwrite_but_fails", "another base model"),
     ],
 )

@@ -6,9 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ONE_THREAD, REPO, SHARED_DATA, run_script, write_jsonl
+
+from fora.data.formats import load_conversations
 from fora.errors import UserError
+from fora.models.inference import load_inference_model
 
 TEST_DATA = REPO / "data" / "test.json"
 
@@ -26,7 +28,7 @@ def first_test_records(n: int) -> list[dict]:
 
 def predict(*flags: str) -> dict:
     """predict_fora.main in this process (the CLI tests below go through a real subprocess)."""
-    import predict_fora
+    from fora.infer import predict as predict_fora
 
     return predict_fora.main(list(flags))
 
@@ -41,7 +43,7 @@ def peft_adapter(base: Path, folder: Path, kind: str = "lora", **run_info) -> Pa
     from transformers import AutoModelForCausalLM
 
     from fora.run import RunRecord
-    from fusion_lora import ForaConfig
+    from fora.tuners.fora import ForaConfig
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -82,7 +84,7 @@ def alone(model, tokenizer, prompt: list[int], stop: list[int], budget: int, num
     """One prompt through `model.generate` by itself (no padding, no shared cache): the reference."""
     import torch
 
-    from fora import generate
+    from fora.infer import generate
 
     config = generate.generation_config(tokenizer, stop, num_beams=num_beams)
     config.max_new_tokens = budget
@@ -99,12 +101,12 @@ def test_batched_greedy_equals_one_at_a_time(monkeypatch):
     would make this comparison nearly vacuous; a trained model's varied tokens and realistic logit
     gaps are where padding-induced rounding could flip a token.
     """
-    from fora import data, generate, modeling
-    from fora.templates import get_template
+    from fora.data.templates import get_template
+    from fora.infer import generate
 
-    model, tokenizer, _ = modeling.load_inference_model(None, None)
+    model, tokenizer, _ = load_inference_model(None, None)
     template = get_template(tokenizer, None)
-    conversations, _ = data.load_conversations(str(TEST_DATA), require_response=False)
+    conversations, _ = load_conversations(str(TEST_DATA), require_response=False)
     # Six prompts of six different lengths, so every batch is padded, and budgets of 4 to 8 tokens.
     prompts = [generate.build_prompt(tokenizer, template, c, 30 + 9 * i, 512)[0] for i, c in enumerate(conversations[:6])]
     assert len({len(p) for p in prompts}) == 6
@@ -134,7 +136,7 @@ def test_prefill_cache_holds_what_each_prompt_computes_alone(tiny_model, monkeyp
     from transformers import AutoModelForCausalLM
     from transformers.cache_utils import DynamicCache
 
-    from fora import generate
+    from fora.infer import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     generator = torch.Generator().manual_seed(0)
@@ -167,7 +169,7 @@ def test_beam_search_takes_the_plain_batches(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fora import generate
+    from fora.infer import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -181,9 +183,9 @@ def test_beam_search_takes_the_plain_batches(tiny_model):
 def test_build_prompt_keeps_the_question_when_history_is_long(tokenizer):
     """Training's cut (fora.data.encode) drops turns that no longer fit; for prediction the turn being
     asked must stay, so the oldest turns go instead."""
-    from fora.data import Conversation
-    from fora.generate import build_prompt
-    from fora.templates import NAMED_TEMPLATES
+    from fora.data.formats import Conversation
+    from fora.data.templates import NAMED_TEMPLATES
+    from fora.infer.generate import build_prompt
 
     template = NAMED_TEMPLATES["default"]
     history = [("old question " * 20, "old answer " * 20)] * 3
@@ -198,8 +200,8 @@ def test_build_prompt_keeps_the_question_when_history_is_long(tokenizer):
 
 def prompts_as_trained_and_as_predicted(tokenizer, template, conversations, max_src_len: int):
     """Per record: the masked part of its training input, and its prediction prompt (and whether it was cut)."""
-    from fora.data import IGNORE_INDEX, tokenize_conversation
-    from fora.generate import build_prompt
+    from fora.data.encode import IGNORE_INDEX, tokenize_conversation
+    from fora.infer.generate import build_prompt
 
     for c in conversations:
         row = tokenize_conversation({"where": c.where, "system": c.system, "turns": c.turns}, tokenizer, template,
@@ -210,8 +212,8 @@ def prompts_as_trained_and_as_predicted(tokenizer, template, conversations, max_
 
 def test_long_record_is_predicted_from_a_prompt_that_ends_with_the_header(tokenizer):
     """The prompt is cut as training cut it: the end of the user's text goes, the assistant header stays."""
-    from fora.data import Conversation
-    from fora.templates import get_template
+    from fora.data.formats import Conversation
+    from fora.data.templates import get_template
 
     question = "Extract the triples. Text: " + "the pump leaks oil and the fan is slow; " * 40
     conversation = Conversation("x", None, [(question, "reference")])
@@ -227,9 +229,9 @@ def test_long_record_is_predicted_from_a_prompt_that_ends_with_the_header(tokeni
 @pytest.mark.parametrize("template_name", ["chat_template", "alpaca", "chatml", "baichuan2", "chatglm2"])
 def test_every_spo_1_prompt_ends_with_the_assistant_header(tokenizer, tiny_model_plain, template_name):
     """The seed's test set at the seed's --max_src_len 512: about half the prompts are longer."""
-    from fora.data import load_conversations
-    from fora.run import load_tokenizer
-    from fora.templates import NAMED_TEMPLATES, get_template
+    from fora.data.formats import load_conversations
+    from fora.data.templates import NAMED_TEMPLATES, get_template
+    from fora.models.tokenizer import load_tokenizer
 
     if template_name != "chat_template":
         tokenizer = load_tokenizer(str(tiny_model_plain))
@@ -321,7 +323,7 @@ def test_never_overwrites_earlier_predictions(tiny_model, tmp_path):
         out = tmp_path / name.split(".")[0]
         out.mkdir()
         (out / name).write_text("earlier run\n")
-        with pytest.raises(UserError, match=f"already holds {name}.*--overwrite_output_dir"):
+        with pytest.raises(UserError, match=f"holds an earlier run \\({name}\\).*--overwrite_output_dir"):
             predict(*flags, "--output_dir", str(out))
         assert (out / name).read_text() == "earlier run\n"
         assert sorted(p.name for p in out.iterdir()) == [name]
@@ -377,9 +379,9 @@ def test_fora_adapter_with_recorded_template(tiny_model_plain, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fora import data, generate, modeling
-    from fora.templates import get_template
-    from fusion_lora import load_fora_config
+    from fora.data.templates import get_template
+    from fora.infer import generate
+    from fora.tuners.fora import load_fora_config
 
     adapter = peft_adapter(tiny_model_plain, tmp_path / "fora", kind="fora", template="alpaca")
     results = predict("--checkpoint_dir", str(adapter), "--test_path", str(TEST_DATA), "--max_samples", "4",
@@ -389,21 +391,21 @@ def test_fora_adapter_with_recorded_template(tiny_model_plain, tmp_path):
     assert all(p["prompt"].rstrip().endswith("### Response:") for p in predictions)
 
     # The same prompts through the unmerged PEFT model give the same tokens.
-    _, tokenizer, _ = modeling.load_inference_model(str(adapter))
+    _, tokenizer, _ = load_inference_model(str(adapter))
     template = get_template(tokenizer, "alpaca")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_plain)
     unmerged = PeftModel.from_pretrained(base, adapter, config=load_fora_config(adapter)).eval()
-    conversations, _ = data.load_conversations(str(TEST_DATA), require_response=False)
+    conversations, _ = load_conversations(str(TEST_DATA), require_response=False)
     prompts = [generate.build_prompt(tokenizer, template, c, 512, 512)[0] for c in conversations[:4]]
-    texts = generate.generate_batched(unmerged, tokenizer, prompts, template.stop_token_ids(tokenizer), 8, progress=False)
+    new_ids = generate.generate_ids(unmerged, tokenizer, prompts, template.stop_token_ids(tokenizer), 8, progress=False)
+    texts = [generate.decode(tokenizer, ids) for ids in new_ids]
     assert texts == [p["predict"] for p in predictions]
 
 
 def test_qlora_adapter_loads_its_base_in_4bit(tiny_model, tmp_path):
-    from fora import modeling
 
     adapter = peft_adapter(tiny_model, tmp_path / "qlora", quantization_bit=4)
-    model, _, info = modeling.load_inference_model(str(adapter))
+    model, _, info = load_inference_model(str(adapter))
     assert info["quantization_bit"] == 4
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     results = predict("--model_dir", str(adapter), "--test_path", str(TEST_DATA), "--max_samples", "2",
@@ -412,7 +414,7 @@ def test_qlora_adapter_loads_its_base_in_4bit(tiny_model, tmp_path):
 
 
 def test_default_model_when_no_model_is_given(tmp_path):
-    from fora.modeling import DEFAULT_MODEL_DIR
+    from fora.models.load import DEFAULT_MODEL_DIR
 
     results = predict("--test_path", str(TEST_DATA), "--max_samples", "2", "--max_new_tokens", "4",
                       "--max_src_len", "64", "--output_dir", str(tmp_path))

@@ -6,15 +6,18 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import REPO, run_script
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from config import FinetuningArguments
-from conftest import REPO, run_script
-from fora import errors, modeling
-from fora.run import cpu_has_bf16
-from fusion_lora import ForaLinear4bit
-from train_qlora import PAGED_OPTIMIZER, with_paged_optimizer
+from fora import errors as fora_errors
+from fora.args import FinetuningArguments
+from fora.cli import PAGED_OPTIMIZER, with_paged_optimizer
+from fora.models import load as model_loading
+from fora.models.load import load_model
+from fora.precision import cpu_has_bf16
+from fora.tuners.attach import attach_adapter
+from fora.tuners.fora import ForaLinear4bit
 
 BLOCK_LINEARS = 7 * 2  # q, k, v, o, gate, up, down in each of the tiny model's 2 layers
 
@@ -25,7 +28,7 @@ def blocks(model) -> nn.Module:
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_4bit_layers_after_loading(tiny_model, compute_dtype):
-    model = modeling.load_model(str(tiny_model), compute_dtype, quantization_bit=4)
+    model = load_model(str(tiny_model), compute_dtype, quantization_bit=4)
     layers = [m for m in blocks(model).modules() if isinstance(m, nn.Linear)]
     assert len(layers) == BLOCK_LINEARS
     for layer in layers:
@@ -45,9 +48,9 @@ def test_pread_loading_equals_transformers_own(tiny_model, monkeypatch):
     """The CPU path reads the checkpoint with pread; transformers' mmap path (kept for remote code and
     .bin checkpoints) must give the very same quantized model."""
     ids = torch.tensor([[1, 50, 60, 70, 80, 2]])
-    ours = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
-    monkeypatch.setattr(modeling, "_load_quantized_without_mmap", lambda *args: None)
-    theirs = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    ours = load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    monkeypatch.setattr(model_loading, "_load_quantized_without_mmap", lambda *args: None)
+    theirs = load_model(str(tiny_model), torch.float32, quantization_bit=4)
     assert ours.name_or_path == theirs.name_or_path == str(tiny_model)
     assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
     for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
@@ -61,9 +64,9 @@ def test_4bit_inference_is_the_training_forward_and_reading_the_state_leaves_the
     computing in bf16 with bf16 scales, whatever the compute dtype) and re-quantizes the scales whenever
     the state dict is read: scores then drifted each time an adapter was loaded. load_model turns that
     off, saying so once; on other CPUs there is nothing to turn off."""
-    monkeypatch.setattr(errors, "_noted", set())
-    modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
-    model = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    monkeypatch.setattr(fora_errors, "_noted", set())
+    load_model(str(tiny_model), torch.float32, quantization_bit=4)
+    model = load_model(str(tiny_model), torch.float32, quantization_bit=4)
     assert capsys.readouterr().err.count("packed bf16 path") == (1 if bnb.functional.has_avx512bf16() else 0)
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 2]])
@@ -81,8 +84,8 @@ def test_4bit_inference_is_the_training_forward_and_reading_the_state_leaves_the
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "fora"])
 def test_adapters_on_every_4bit_layer(tiny_model, finetuning_type):
-    model = modeling.load_model(str(tiny_model), torch.bfloat16, quantization_bit=4)
-    model = modeling.attach_adapter(model, FinetuningArguments(finetuning_type=finetuning_type, lora_rank=4))
+    model = load_model(str(tiny_model), torch.bfloat16, quantization_bit=4)
+    model = attach_adapter(model, FinetuningArguments(finetuning_type=finetuning_type, lora_rank=4))
     quantized = [m for m in blocks(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
     wrapped = [m for m in blocks(model).modules() if isinstance(m, LoraLayer)]
     assert len(quantized) == len(wrapped) == BLOCK_LINEARS
@@ -104,17 +107,17 @@ def test_adapters_on_every_4bit_layer(tiny_model, finetuning_type):
 
 def test_fp16_base_keeps_pefts_fp32_upcast(tiny_model):
     """fp16's range is narrow: there PEFT's fp32 copies of embeddings, output layer and norms stay."""
-    model = modeling.load_model(str(tiny_model), torch.float16, quantization_bit=4)
-    model = modeling.attach_adapter(model, FinetuningArguments(lora_rank=4))
+    model = load_model(str(tiny_model), torch.float16, quantization_bit=4)
+    model = attach_adapter(model, FinetuningArguments(lora_rank=4))
     assert {p.dtype for name, p in model.named_parameters() if "lora_" not in name} == {torch.uint8, torch.float32}
 
 
 def test_8bit_path_loads_int8_layers(tiny_model):
-    model = modeling.load_model(str(tiny_model), torch.float32, quantization_bit=8)
+    model = load_model(str(tiny_model), torch.float32, quantization_bit=8)
     layers = [m for m in blocks(model).modules() if isinstance(m, nn.Linear)]
     assert len(layers) == BLOCK_LINEARS
     assert all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in layers)
-    model = modeling.attach_adapter(model, FinetuningArguments(lora_rank=4))
+    model = attach_adapter(model, FinetuningArguments(lora_rank=4))
     assert len([m for m in model.modules() if isinstance(m, LoraLayer)]) == BLOCK_LINEARS
 
 
@@ -122,10 +125,10 @@ def test_8bit_path_loads_int8_layers(tiny_model):
 # prints whether glibc served it with mmap (mallinfo2's count of mmapped blocks went up).
 MMAP_PROBE = """
 import ctypes, sys, torch
-from config import ModelArguments, parse_args
-from fora import modeling
+from fora.args import ModelArguments, parse_args
+from fora.models.load import load_model
 (args,) = parse_args((ModelArguments,), sys.argv[2:])
-modeling.load_model(sys.argv[1], torch.float32, quantization_bit=4, unmap_freed_memory=args.unmap_freed_memory)
+load_model(sys.argv[1], torch.float32, quantization_bit=4, unmap_freed_memory=args.unmap_freed_memory)
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

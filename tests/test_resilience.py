@@ -17,15 +17,15 @@ import time
 
 import psutil
 import pytest
+from conftest import REPO
 from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-import predict_fora
-import train_lora
-from conftest import REPO
 from fora.errors import UserError, exit_on_user_error
-from fora.training import last_checkpoint
+from fora.infer import predict as predict_fora
+from fora.train import recipe as train_lora
+from fora.train.checkpoints import last_checkpoint
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the in-process runs use one thread too
 STEPS = 6

@@ -7,9 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ONE_THREAD, run_script, write_jsonl
+
+from fora import precision
 from fora.errors import UserError
+from fora.models.inference import load_inference_model
 from fora.run import RUN_FILE, RunRecord
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +57,6 @@ def test_a_broken_record_is_one_line(tmp_path):
 
 
 def test_every_checkpoint_carries_the_run_record(tmp_path, tiny_model_plain):
-    from fora import modeling
 
     out, result = train(tmp_path, tiny_model_plain, "run", "--max_steps", "2", "--save_steps", "1", "--template", "alpaca")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -65,7 +66,7 @@ def test_every_checkpoint_carries_the_run_record(tmp_path, tiny_model_plain):
         assert (out / f"checkpoint-{step}" / RUN_FILE).is_file()
     # A checkpoint copied away from its run loads as it was trained: its template, not the tokenizer's default.
     moved = shutil.copytree(out / "checkpoint-1", tmp_path / "copied-checkpoint")
-    _, _, info = modeling.load_inference_model(str(moved))
+    _, _, info = load_inference_model(str(moved))
     assert info["template"] == "alpaca" and info["model_kind"] == "adapter"
 
 
@@ -74,7 +75,7 @@ def test_a_qlora_checkpoint_predicts_on_its_4bit_base(tmp_path, tiny_model):
     assert result.returncode == 0, result.stderr[-3000:]
     moved = shutil.copytree(out / "checkpoint-1", tmp_path / "elsewhere")
     assert RunRecord.load(moved).quantization_bit == 4
-    import predict_fora
+    from fora.infer import predict as predict_fora
 
     results = predict_fora.main(["--model_dir", str(moved), "--test_path", "data/test.json", "--max_samples", "2",
                                  "--max_new_tokens", "4", "--output_dir", str(tmp_path / "pred")])
@@ -127,12 +128,10 @@ def test_half_precision_prediction_keeps_the_adapter_unmerged(tmp_path, tiny_mod
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fora import modeling, run
-
-    monkeypatch.setattr(run, "cpu_has_bf16", lambda: True)  # bf16 is emulated on CPUs without it: slow, still exact
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # bf16 is emulated on CPUs without it: slow, still exact
     adapter = trained_like_adapter(tiny_model, tmp_path / "adapter", "bfloat16")
     ids = torch.tensor([[1, 200, 300, 400, 500, 600]])
-    model, _, info = modeling.load_inference_model(str(adapter))
+    model, _, info = load_inference_model(str(adapter))
     assert info["torch_dtype"] == "bfloat16" and not info["merged"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
     reference = PeftModel.from_pretrained(base, adapter).eval()
@@ -141,7 +140,7 @@ def test_half_precision_prediction_keeps_the_adapter_unmerged(tmp_path, tiny_mod
         merged = reference.merge_and_unload()(ids).logits
         assert not torch.equal(merged, model(ids).logits)  # what merging in bf16 would have scored
 
-    model32, _, info32 = modeling.load_inference_model(str(adapter), torch_dtype="float32")
+    model32, _, info32 = load_inference_model(str(adapter), torch_dtype="float32")
     assert info32["merged"]
     unmerged32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).eval()
     with torch.no_grad():
@@ -152,8 +151,8 @@ def test_half_precision_prediction_keeps_the_adapter_unmerged(tmp_path, tiny_mod
 
 
 def test_batch_size_halves_on_out_of_memory(tmp_path, tiny_model, monkeypatch, capsys):
-    import predict_fora
-    from fora import generate
+    from fora.infer import generate
+    from fora.infer import predict as predict_fora
 
     flags = ["--ori_model_dir", str(tiny_model), "--test_path", "data/test.json", "--max_samples", "12",
              "--max_new_tokens", "4"]
@@ -178,22 +177,23 @@ def test_batch_size_halves_on_out_of_memory(tmp_path, tiny_model, monkeypatch, c
 
 
 def test_native_bf16_is_chosen_when_no_precision_is_given(tmp_path, monkeypatch, capsys):
-    from config import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
-    from fora import run
+    from fora import precision
+    from fora.args import DataArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    monkeypatch.setattr(run, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     types = (ModelArguments, DataArguments, FinetuningArguments, TrainArguments)
     model, _, _, training = parse_args(types, ["--output_dir", str(tmp_path)])
-    assert training.bf16 and training.chosen_precision == "bf16"
-    assert run.training_dtype(model, training) == torch.bfloat16
+    assert training.bf16 and training.precision.mixed == "bf16" and training.precision.chosen
+    assert training.precision.torch_dtype == torch.bfloat16 and model.torch_dtype == "bfloat16"
+    training.precision.report()
     assert "Precision: --bf16" in capsys.readouterr().out
     model, _, _, training = parse_args(types, ["--output_dir", str(tmp_path), "--torch_dtype", "float32"])
-    assert not training.bf16 and run.training_dtype(model, training) == torch.float32
+    assert not training.bf16 and training.precision.torch_dtype == torch.float32
 
-    monkeypatch.setattr(run, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     model, _, _, training = parse_args(types, ["--output_dir", str(tmp_path)])
-    assert not training.bf16 and run.training_dtype(model, training) == torch.float32
+    assert not training.bf16 and training.precision.torch_dtype == torch.float32
 
 
 def test_train_and_predict_print_no_deprecation_warning(tmp_path, tiny_model):

@@ -2,9 +2,9 @@
 
 import pytest
 
+from fora.data.templates import NAMED_TEMPLATES, ChatTemplate, get_template
 from fora.errors import UserError
-from fora.run import load_tokenizer
-from fora.templates import NAMED_TEMPLATES, ChatTemplate, get_template
+from fora.models.tokenizer import load_tokenizer
 
 TURNS = [("Hi", "Hello"), ("And?", "Bye")]
 
@@ -43,7 +43,7 @@ def test_named_template_wins_over_the_chat_template(tokenizer):
 
 
 def test_unknown_template_name_is_a_user_error(tokenizer):
-    with pytest.raises(UserError, match=r"^--template 'nope' is unknown; choose one of: .*chatml.*llama3") as error:
+    with pytest.raises(UserError, match=r"^template 'nope' is unknown; choose one of: .*chatml.*llama3") as error:
         get_template(tokenizer, "nope")
     assert "\n" not in str(error.value)
 
@@ -207,8 +207,8 @@ def uncut_prompt(tokenizer, template, user: str) -> list[int]:
 
 
 def prompt_for(tokenizer, template, user: str, max_source_length: int) -> tuple[list[int], bool]:
-    from fora.data import Conversation
-    from fora.generate import build_prompt
+    from fora.data.formats import Conversation
+    from fora.infer.generate import build_prompt
 
     conversation = Conversation("test.json: line 1", SYSTEM, [(user, None)])
     return build_prompt(tokenizer, template, conversation, max_source_length, 64)

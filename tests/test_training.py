@@ -5,10 +5,13 @@ import tempfile
 import pytest
 import torch
 
-from config import FinetuningArguments, TrainArguments
-from fora import training
-from fora.modeling import attach_adapter, load_model
-from fora.training import PaddingCollator, SupervisedTrainer
+from fora.args import FinetuningArguments, TrainArguments
+from fora.data.collator import PaddingCollator
+from fora.models.load import load_model
+from fora.train import loss as loss_module
+from fora.train.loss import LOSS_CHUNK, HeadCrossEntropy, OutputLogits
+from fora.train.trainer import SupervisedTrainer
+from fora.tuners.attach import attach_adapter
 
 
 def random_batch(vocab: int, pad_id: int) -> dict:
@@ -60,14 +63,14 @@ def loss_and_grads(trainer, model, batch, num_items=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("chunk, mixed_precision", [(training.LOSS_CHUNK, False), (5, False), (training.LOSS_CHUNK, True)])
+@pytest.mark.parametrize("chunk, mixed_precision", [(LOSS_CHUNK, False), (5, False), (LOSS_CHUNK, True)])
 def test_supervised_positions_give_the_full_loss_and_gradients(tiny_model, tokenizer, monkeypatch, chunk, mixed_precision):
     """chunk 5: several head chunks per batch. mixed_precision (--bf16): a bf16 model whose forward runs under
     autocast and whose outputs accelerate upcasts to float32, as the Trainer wraps it; the head, applied
     outside autocast, takes bf16 hidden states back (it once failed on the float32 ones)."""
     from accelerate.utils import convert_outputs_to_fp32
 
-    monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK", chunk)
     model = adapted_model(tiny_model, torch.bfloat16 if mixed_precision else torch.float32)
     if mixed_precision:
         model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
@@ -90,17 +93,17 @@ def test_supervised_positions_give_the_full_loss_and_gradients(tiny_model, token
         torch.testing.assert_close(grad, expected_grads[name], **grad_tolerance, msg=name)
 
 
-@pytest.mark.parametrize("chunk", [training.LOSS_CHUNK, 3])
+@pytest.mark.parametrize("chunk", [LOSS_CHUNK, 3])
 @pytest.mark.parametrize(
     "output",
-    [training.OutputLogits(), training.OutputLogits(scale=3.0), training.OutputLogits(softcap=0.5),
-     training.OutputLogits(scale=2.0, softcap=1.5)],
+    [OutputLogits(), OutputLogits(scale=3.0), OutputLogits(softcap=0.5),
+     OutputLogits(scale=2.0, softcap=1.5)],
     ids=["plain", "scaled", "softcapped", "scaled-softcapped"],
 )
 def test_head_loss_gives_autograds_gradients_for_hidden_weight_and_bias(monkeypatch, chunk, output):
     """Full fine-tuning trains the output layer too: its weight and bias gradients must match autograd's,
     through the logit scale and tanh softcap of the models that apply them."""
-    monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK", chunk)
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
     head = torch.nn.Linear(8, 50)
@@ -112,14 +115,14 @@ def test_head_loss_gives_autograds_gradients_for_hidden_weight_and_bias(monkeypa
 
     expected = torch.nn.functional.cross_entropy(model_logits(head.weight, head.bias), targets, reduction="sum")
     expected_grads = torch.autograd.grad(3 * expected, (hidden, head.weight, head.bias))
-    loss = training.HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, output.scale, output.softcap, True)
+    loss = HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, output.scale, output.softcap, True)
     grads = torch.autograd.grad(3 * loss, (hidden, head.weight, head.bias))
 
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # evaluation: the same loss, no gradient work
-        loss = training.HeadCrossEntropy.apply(hidden, head.weight, None, targets, output.scale, output.softcap, False)
+        loss = HeadCrossEntropy.apply(hidden, head.weight, None, targets, output.scale, output.softcap, False)
         want = torch.nn.functional.cross_entropy(model_logits(head.weight, None), targets, reduction="sum")
         assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 

@@ -18,7 +18,9 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from fora.data import Conversation, encode, render_turns
+from fora.args.data import DEFAULT_LENGTH
+from fora.data.encode import encode, render_turns
+from fora.data.formats import Conversation
 from fora.errors import note_once
 
 
@@ -28,6 +30,13 @@ def build_prompt(
     """Prompt ids for the reply to the last turn, and whether anything was cut (see `fit_turns`)."""
     ids, cut, left_out = fit_turns(tokenizer, template, conversation, max_source_length, max_target_length)
     return ids, cut or left_out > 0
+
+
+def inference_lengths(max_source_length: int | None, recorded: dict) -> tuple[int, int]:
+    """The prompt and reply lengths prediction and chat cut to: --max_source_length, else the ones training
+    recorded (`recorded`: the run record as a dict, empty without one), else DEFAULT_LENGTH."""
+    source = max_source_length or recorded.get("max_source_length") or DEFAULT_LENGTH
+    return source, recorded.get("max_target_length") or DEFAULT_LENGTH
 
 
 def fit_turns(
@@ -158,24 +167,10 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_batched(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    stop_ids: list[int],
-    max_new_tokens: int | list[int],
-    batch_size: int = 8,
-    config: GenerationConfig | None = None,
-    progress: bool = True,
-) -> list[str]:
-    """The generated text for each prompt, in input order (see `generate_ids`)."""
-    ids = generate_ids(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, config, progress)
-    return [decode(tokenizer, i) for i in ids]
-
 
 # --- Prefill from a shared prefix into a reserved cache ---------------------------------------------
-# Prompts of one task share their start (system prompt and instruction: 150 of spo_1's 455 tokens on
-# average), so its keys and values are computed once and copied into every batch. The rows are laid
+# Prompts of one task share their start (the system prompt and the instruction, often a third of a
+# prompt), so its keys and values are computed once and copied into every batch. The rows are laid
 # out [shared prefix | padding | rest of the prompt]: the prefix sits in the same columns in every row,
 # and positions come from the attention mask, so the padding gap changes nothing. The rest is
 # encoded in length-sorted chunks of about PREFILL_TOKENS (little padding, bounded activations) into

@@ -1,9 +1,9 @@
 """Merge a LoRA or FoRA adapter into its base and save a standalone model that plain transformers loads.
 
     base (fp32) ─┬─ [adapter trained on a 4/8-bit base, merge_into=dequantized]
-                 │      quantize the base exactly as training did (modeling.load_model), dequantize each
+                 │      quantize the base exactly as training did (models.load.load_model), dequantize each
                  │      quantized linear layer and put those weights into the fp32 base
-                 └─ attach the adapter (modeling.load_adapter) → merge_and_unload (W += ΔW in fp32;
+                 └─ attach the adapter (tuners.attach.load_adapter) → merge_and_unload (W += ΔW in fp32;
                     FoRA: ΔW = s·D(I+E+CB)A via fusion_lora.ForaLinearVariant) → cast to --dtype
                     → save_pretrained (sharded safetensors) + the base's tokenizer files, byte for byte,
                     into a temporary folder
@@ -21,9 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fora import compat, modeling
-from fora.errors import UserError, read_json
-from fora.run import RUN_FILE, RunRecord, merged_dtype, save_base_tokenizer
+from fora.errors import UserError
+from fora.io import read_json, refuse_earlier_output, replace_dir
+from fora.models import compat
+from fora.models.inference import require_remote_code_flag
+from fora.models.load import load_model, resolve_model_path
+from fora.models.tokenizer import save_base_tokenizer
+from fora.precision import merged_dtype
+from fora.run import RUN_FILE, RunRecord
+from fora.tuners.attach import load_adapter
 
 MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
 MERGE_FILE = "fora_merge.json"  # where the merged model came from
@@ -52,7 +58,7 @@ def resolve_base(base_model: str | None, record: RunRecord | None, adapter: Path
             raise UserError(f"--base_model is required: {adapter} has no {RUN_FILE} naming the base model")
         base_model = record.base_model
         flag = f"--base_model (recorded in {adapter / RUN_FILE})"
-    return modeling.resolve_model_path(base_model, flag)
+    return resolve_model_path(base_model, flag)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, *inputs: Path) -> Path:
@@ -60,12 +66,7 @@ def check_output_dir(output_dir: str, overwrite: bool, *inputs: Path) -> Path:
     for source in inputs:
         if source.exists() and (out.resolve() == source.resolve() or source.resolve() in out.resolve().parents):
             raise UserError(f"--output_dir {output_dir}: is (inside) the input folder {source}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {output_dir}: is a file, expected a folder")
-    if out.is_dir() and not overwrite and any(out.iterdir()):
-        held = [m for m in MODEL_MARKERS if any(out.glob(m))]
-        what = f"already holds a model ({held[0]})" if held else "is not empty"
-        raise UserError(f"--output_dir {output_dir}: {what}; pass --overwrite_output_dir to replace the folder")
+    refuse_earlier_output(out, (*MODEL_MARKERS, "*"), overwrite)  # the whole folder is replaced
     return out
 
 
@@ -92,7 +93,7 @@ def put_dequantized_weights(model: nn.Module, base: str, bits: int, dtype: torch
     import bitsandbytes as bnb
     from peft.utils.integrations import dequantize_bnb_weight
 
-    quantized = modeling.load_model(base, dtype, trust_remote_code, bits)
+    quantized = load_model(base, dtype, trust_remote_code, bits)
     targets = dict(model.named_modules())
     replaced = 0
     for name, module in quantized.named_modules():
@@ -111,12 +112,12 @@ def put_dequantized_weights(model: nn.Module, base: str, bits: int, dtype: torch
 
 
 def merge(args, log=print) -> Path:
-    """Merge per `args` (config.MergeArguments); returns the output folder."""
+    """Merge per `args` (fora.args.MergeArguments); returns the output folder."""
     adapter = check_adapter_dir(args.adapter)
     record = RunRecord.load(adapter)
     base = resolve_base(args.base_model, record, adapter)
     output_dir = check_output_dir(args.output_dir, args.overwrite_output_dir, adapter, Path(base))
-    modeling.require_remote_code_flag(args.trust_remote_code, record, adapter, base)
+    require_remote_code_flag(args.trust_remote_code, record, adapter, base)
     trust_remote_code = args.trust_remote_code
     bits = record.quantization_bit if record else None
 
@@ -130,7 +131,7 @@ def merge(args, log=print) -> Path:
     elif bits:
         log(f"The adapter was trained on a {bits}-bit base: merging into the original weights (--merge_into original)")
 
-    peft_model = modeling.load_adapter(model, str(adapter), flag="--adapter")
+    peft_model = load_adapter(model, str(adapter), flag="--adapter")
     kind = "FoRA" if getattr(peft_model.peft_config["default"], "use_fora", False) else "LoRA"
     merged = peft_model.merge_and_unload(safe_merge=True)
     out_dtype = merged_dtype(args.dtype, base)
@@ -164,17 +165,9 @@ def merge(args, log=print) -> Path:
     return output_dir
 
 
-def replace_dir(staging: Path, output_dir: Path) -> None:
-    """Move the finished `staging` folder to `output_dir`, replacing what is there only once it is complete."""
-    if output_dir.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        backup.rmdir()
-        output_dir.rename(backup)
-        try:
-            staging.rename(output_dir)
-        except BaseException:
-            backup.rename(output_dir)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
+def main(argv: list[str] | None = None) -> Path:
+    """merge_lora.py: parse the flags (fora.args.MergeArguments) and merge."""
+    from fora.args import MergeArguments, parse_args
+
+    (args,) = parse_args((MergeArguments,), argv)
+    return merge(args)

@@ -14,9 +14,10 @@ Two kinds of template:
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
-from fora.errors import UserError, read_json
+from fora.errors import UserError
+from fora.io import read_json
 
 Turn = tuple[str, str | None]  # (user, assistant); assistant is None for the turn to be generated
 
@@ -257,12 +258,10 @@ def get_template(tokenizer, name: str | None) -> NamedTemplate | ChatTemplate:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--template chat_template: this tokenizer has no chat template")
         return ChatTemplate()
-    check_template_name(name)
+    if name not in NAMED_TEMPLATES:  # flags are checked by their choices; this is a run record's
+        raise UserError(f"template {name!r} is unknown; choose one of: auto, {ChatTemplate.name}, {', '.join(NAMED_TEMPLATES)}")
     return NAMED_TEMPLATES[name]
 
 
-def check_template_name(name: str | None) -> None:
-    """Refuse an unknown --template; the argument classes call it so the mistake shows before any loading."""
-    known = ["auto", ChatTemplate.name, *NAMED_TEMPLATES]
-    if name is not None and name not in known:
-        raise UserError(f"--template {name!r} is unknown; choose one of: {', '.join(known)}")
+# --template's choices.
+TemplateName = Literal[("auto", ChatTemplate.name, *NAMED_TEMPLATES)]

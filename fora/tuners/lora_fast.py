@@ -23,7 +23,7 @@ def add_scaled_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch
     """
     # (r x out), scaling the factor, not the output. Made row-major because addmm's backward gives the
     # factor's gradient the factor's layout: for a transposed one it computes grad^T @ hidden, an
-    # (out x rows) @ (rows x r) product that runs 2-3x slower on a CPU than hidden^T @ grad.
+    # (out x rows) @ (rows x r) product that runs slower on a CPU than hidden^T @ grad.
     product_weight = (weight * scaling).t().contiguous()
     rows = torch.addmm(result.to(hidden.dtype).reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), product_weight)
     return rows.view(*result.shape[:-1], rows.shape[-1])
@@ -34,8 +34,8 @@ class NoInputCastUnderAutocast:
 
     PEFT casts a layer's input to the adapter weights' dtype (float32 adapters on a bf16 base), and
     autocast casts it straight back to bf16 for the adapter's matmuls: two lossless passes over an
-    input-sized tensor per adapted layer, and two more in backward (2 s of a 4 x 1024 bf16 step on CPU,
-    profiled). Without autocast the cast is needed for the dtypes to match, and stays.
+    input-sized tensor per adapted layer, and two more in backward (a visible share of a bf16 step on a
+    CPU, docs/benchmarks.md). Without autocast the cast is needed for the dtypes to match, and stays.
     """
 
     def _cast_input_dtype(self, x, dtype):
@@ -79,7 +79,7 @@ class AddmmLoraLinear(NoInputCastUnderAutocast, LoraLinear):
         return {**super().lora_variants, (): AddmmLoraVariant}
 
 
-if is_bnb_4bit_available():  # bitsandbytes is optional, as in fusion_lora.py
+if is_bnb_4bit_available():  # bitsandbytes is optional, as in fora.tuners.fora
     from peft.tuners.lora import bnb as peft_bnb
 
     class AddmmLoraLinear4bit(NoInputCastUnderAutocast, peft_bnb.Linear4bit):

@@ -3,7 +3,7 @@
 `ChatModel` loads a base model plus an adapter (left unmerged, so it can be switched off), a merged
 model or the base alone, exactly as predict_fora.py does. `ChatModel.respond` turns the history and
 a new message into the prompt with the template and cutting rules of training and prediction
-(`fora.generate.fit_turns`), leaves out the oldest turns when the conversation no longer fits, and
+(`fora.infer.generate.fit_turns`), leaves out the oldest turns when the conversation no longer fits, and
 streams the reply as text while writing it into the `Exchange`, so a reply that is stopped halfway
 (the page reran, Ctrl-C) keeps what was generated.
 
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from fora import generate, modeling
-from fora.data import Conversation
-from fora.templates import get_template
+from fora.data.formats import Conversation
+from fora.data.templates import get_template
+from fora.infer import generate
+from fora.models.inference import describe_loaded, load_inference_model
 
 FINE_TUNED, BASE = "fine-tuned", "base"  # who answers: the model as loaded, or its base with the adapter off
-DEFAULT_LENGTH = 512  # prompt / reply tokens per turn when neither the flags nor fora_run.json give one
 
 
 def settled_event() -> threading.Event:
@@ -70,18 +70,17 @@ class ChatModel:
     """A model, its tokenizer and template, loaded once and shared by every conversation."""
 
     def __init__(self, args):
-        """`args` holds predict_fora.py's model flags (config.ChatArguments)."""
-        self.model, self.tokenizer, info = modeling.load_inference_model(
+        """`args` holds predict_fora.py's model flags (fora.args.ChatArguments)."""
+        self.model, self.tokenizer, info = load_inference_model(
             args.model_dir, args.ori_model_dir, args.torch_dtype, args.trust_remote_code, args.quantization_bit,
             merge=False,  # a merged adapter cannot be switched off for the base's side
         )
         self.template = get_template(self.tokenizer, args.template or info.get("template"))
-        self.max_src_len = args.max_src_len or info.get("max_source_length") or DEFAULT_LENGTH
-        self.max_tgt_len = info.get("max_target_length") or DEFAULT_LENGTH
+        self.max_source_length, self.max_target_length = generate.inference_lengths(args.max_source_length, info)
         text_config = self.model.config.get_text_config(decoder=True)
         self.context_length = getattr(text_config, "max_position_embeddings", None)
         self.has_adapter = info["model_kind"] == "adapter"
-        self.description = f"{modeling.describe_loaded(args.model_dir, info)}, template {self.template.name}"
+        self.description = f"{describe_loaded(args.model_dir, info)}, template {self.template.name}"
         # One model serves every browser tab: a reply holds it, so the base side's switched-off adapter
         # is never seen by another conversation's fine-tuned reply.
         self.lock = threading.Lock()
@@ -89,7 +88,7 @@ class ChatModel:
     def prompt(self, history: list[Exchange], message: str, who: str, settings: Settings) -> tuple[list[int], list[str]]:
         """Prompt ids for the reply to `message`, and notes on what had to be left out or cut.
 
-        The conversation keeps to training's lengths (each message cut to max_src_len tokens, each earlier
+        The conversation keeps to training's lengths (each message cut to max_source_length tokens, each earlier
         reply to the trained max_target_length, at most their sum in all) and leaves room in the model's
         context for `settings.max_new_tokens`; the oldest turns go first.
         """
@@ -98,7 +97,7 @@ class ChatModel:
         while True:
             conversation = Conversation("chat", settings.system or None, turns[first:])
             ids, cut, left_out = generate.fit_turns(
-                self.tokenizer, self.template, conversation, self.max_src_len, self.max_tgt_len
+                self.tokenizer, self.template, conversation, self.max_source_length, self.max_target_length
             )
             first += left_out
             fits = self.context_length is None or len(ids) + settings.max_new_tokens <= self.context_length
@@ -110,7 +109,8 @@ class ChatModel:
             notes.append(f"left out the {first} oldest turn{'s' if first > 1 else ''} to fit the context")
         if cut:
             notes.append(
-                f"cut to fit: messages to {self.max_src_len} tokens (--max_src_len), earlier replies to {self.max_tgt_len}"
+                f"cut to fit: messages to {self.max_source_length} tokens (--max_source_length), "
+                f"earlier replies to {self.max_target_length}"
             )
         return ids, notes
 

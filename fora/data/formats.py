@@ -1,7 +1,5 @@
-"""Data: read a file → validate → normalise every format to a conversation → tokenize and mask → cache.
-
-Every supported format becomes the same `Conversation`: an optional system text and a list of
-(user, assistant) turns. Formats are detected from the records or forced with `--data_format`:
+"""Data formats: every supported format becomes the same `Conversation`, an optional system text and a
+list of (user, assistant) turns. Formats are detected from the records or forced with `--data_format`:
 
 - alpaca       `instruction`, `input`, `output` (+ optional `system`, `history` = [[user, assistant], ...])
 - promptcblue  `input`, `target` (extra fields such as `type`, `answer_choices`, `sample_id` ignored)
@@ -9,31 +7,19 @@ Every supported format becomes the same `Conversation`: an optional system text 
 - xtuner       `conversation`: [{system?, input, output}, ...]
 - sharegpt     `conversations`: [{from: system|human|gpt, value}, ...] (+ optional `system`)
 
-A file may be a JSON array or JSON Lines whatever its suffix. A mistake in the data stops the run
-with one line naming the file, the line (JSON Lines) or record (JSON array), and the field.
+A mistake in the data stops the run with one line naming the file, the line (JSON Lines) or record
+(JSON array), and the field.
 """
 
-import contextlib
-import hashlib
-import json
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
-from fora.errors import UserError, utf8_text
-from fora.templates import Segment, Turn
+from fora.data.records import Record, read_records
+from fora.data.templates import Turn
+from fora.errors import UserError
 
-IGNORE_INDEX = -100
-FORMATS = ("auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt")
-MOSTLY_EMPTY = 0.5  # --empty_response train refuses a file in which more than this share of responses is empty
-CACHE_VERSION = "3"  # bump when encoding changes so old caches are not reused
-
-
-@dataclass
-class Record:
-    where: str  # "FILE: line N" or "FILE: record N", for error messages
-    value: object
+DataFormat = Literal["auto", "alpaca", "promptcblue", "columns", "xtuner", "sharegpt"]
+EmptyResponse = Literal["train", "skip", "error"]
 
 
 @dataclass
@@ -41,47 +27,6 @@ class Conversation:
     where: str  # the record's location, for error messages
     system: str | None
     turns: list[Turn]  # the last assistant is None when the record has no reference (prediction only)
-
-
-def read_records(path: str) -> list[Record]:
-    """Records of a JSON array or JSON Lines file, each with its location for error messages."""
-    file = Path(path)
-    if not file.exists():
-        raise UserError(f"{path}: no such file")
-    if file.is_dir():
-        raise UserError(f"{path}: is a directory, expected a JSON or JSON Lines file")
-    raw = file.read_bytes()
-    text = utf8_text(raw, path)
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty")
-    first_line = text.lstrip().split("\n", 1)[0].rstrip()
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as error:
-        # JSON Lines when the first value ended on its line ("Extra data" follows) or when a record
-        # starts on the first line; otherwise a JSON document (array, or object over several lines).
-        json_lines = error.msg == "Extra data" and "\n" not in text[: error.pos].strip()
-        json_lines = json_lines or (first_line.startswith("{") and first_line != "{")
-        if not json_lines:
-            raise UserError(f"{path}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
-    else:
-        if isinstance(whole, list):
-            if not whole:
-                raise UserError(f"{path}: the JSON array is empty")
-            return [Record(f"{path}: record {i}", value) for i, value in enumerate(whole, 1)]
-        if "\n" in text.strip():  # one value over several lines; a one-line value is JSON Lines, below
-            return [Record(f"{path}: record 1", whole)]
-    records = []
-    # Split on "\n" only: str.splitlines() would also split at U+2028 and other breaks inside strings.
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(Record(f"{path}: line {number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}: line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
-    return records
-
 
 @dataclass
 class Columns:
@@ -92,7 +37,6 @@ class Columns:
     instruction: str | None = None
     system: str | None = None
     history: str | None = None
-
 
 def detect_format(
     records: list[Record], path: str, data_format: str, prompt_column: str | None, response_column: str | None
@@ -115,7 +59,6 @@ def detect_format(
         "pass --data_format or --prompt_column and --response_column"
     )
 
-
 def columns_for(data_format: str, prompt_column: str | None, response_column: str | None) -> Columns:
     defaults = {
         "alpaca": Columns("input", "output", instruction="instruction", system="system", history="history"),
@@ -127,7 +70,6 @@ def columns_for(data_format: str, prompt_column: str | None, response_column: st
     defaults.prompt = prompt_column or defaults.prompt
     defaults.response = response_column or defaults.response
     return defaults
-
 
 def load_conversations(
     path: str,
@@ -154,7 +96,6 @@ def load_conversations(
         conversations = [c for c in conversations if id(c) not in skipped]
     return conversations, len(empty)
 
-
 def _convert(
     records, path, data_format, prompt_column, response_column, require_response, reject_empty
 ) -> list[Conversation]:
@@ -172,7 +113,6 @@ def _convert(
         return [_from_columns(r, columns, require_response, reject_empty) for r in records]
     convert = _from_xtuner if data_format == "xtuner" else _from_sharegpt
     return [convert(r, require_response, reject_empty) for r in records]
-
 
 def _from_columns(record: Record, columns: Columns, require_response: bool, reject_empty: bool) -> Conversation:
     value = record.value
@@ -195,7 +135,6 @@ def _from_columns(record: Record, columns: Columns, require_response: bool, reje
     response = _response(record, columns.response, value.get(columns.response), require_response, reject_empty)
     return Conversation(record.where, system or None, history + [(user, response)])
 
-
 def _from_xtuner(record: Record, require_response: bool, reject_empty: bool) -> Conversation:
     turns_value = record.value.get("conversation")
     if not isinstance(turns_value, list) or not turns_value:
@@ -212,7 +151,6 @@ def _from_xtuner(record: Record, require_response: bool, reject_empty: bool) -> 
         assistant = _response(record, f"{field}.output", turn.get("output"), require_response or not last, reject_empty)
         turns.append((user, assistant))
     return Conversation(record.where, system, turns)
-
 
 def _from_sharegpt(record: Record, require_response: bool, reject_empty: bool) -> Conversation:
     messages = record.value.get("conversations")
@@ -247,12 +185,10 @@ def _from_sharegpt(record: Record, require_response: bool, reject_empty: bool) -
         raise UserError(f"{record.where}: field 'conversations' has no human turn")
     return Conversation(record.where, system, turns)
 
-
 def _text(record: Record, field: str) -> str:
     """An optional text field: missing or null is empty."""
     value = record.value.get(field)
     return "" if value is None else _check_str(record, field, value)
-
 
 def _check_str(record: Record, field: str, value) -> str:
     if value is None:
@@ -260,7 +196,6 @@ def _check_str(record: Record, field: str, value) -> str:
     if not isinstance(value, str):
         raise UserError(f"{record.where}: field {field!r} must be a string, got {_json_type(value)}")
     return value
-
 
 def _response(record: Record, field: str, value, required: bool, reject_empty: bool) -> str | None:
     """A reply: missing or null is an error in training and "no reference" in prediction.
@@ -276,139 +211,6 @@ def _response(record: Record, field: str, value, required: bool, reject_empty: b
         )
     return value
 
-
 def _json_type(value) -> str:
     names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def render_turns(
-    tokenizer, template, where: str, system: str | None, turns: list[Turn], max_source_length: int
-) -> list[Segment]:
-    """`template.encode` with every prompt fitted to `max_source_length` (the end of the user's text
-    cut, the template kept whole); a limit too small for the template names the record."""
-    try:
-        return template.encode(tokenizer, system, turns, max_source_length)
-    except UserError as error:
-        raise UserError(f"{where}: {error}") from None
-
-
-def encode(segments: list[Segment], max_source_length: int, max_target_length: int) -> tuple[list[int], list[int], bool]:
-    """Concatenate rendered turns into input ids and labels (-100 on every prompt position).
-
-    Prompts arrive fitted to `max_source_length` by `render_turns`. Each reply is cut to
-    `max_target_length` (its stop token too when it falls past the cut); later turns that no longer
-    fit in `max_source_length + max_target_length` are left out. Returns whether anything was cut,
-    so callers can count and report it.
-    """
-    input_ids, labels, truncated = [], [], False
-    for prompt_ids, response_ids, prompt_cut in segments:
-        truncated = truncated or prompt_cut or len(response_ids) > max_target_length
-        response_ids = response_ids[:max_target_length]
-        if input_ids and len(input_ids) + len(prompt_ids) + len(response_ids) > max_source_length + max_target_length:
-            truncated = True
-            break
-        input_ids += prompt_ids + response_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return input_ids, labels, truncated
-
-
-def tokenize_conversation(conversation: dict, tokenizer, template, max_source_length: int, max_target_length: int) -> dict:
-    """One record ({"where", "system", "turns"}) as training input ids, labels and length."""
-    turns = [tuple(t) for t in conversation["turns"]]
-    segments = render_turns(tokenizer, template, conversation["where"], conversation["system"], turns, max_source_length)
-    input_ids, labels, truncated = encode(segments, max_source_length, max_target_length)
-    return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "truncated": truncated}
-
-
-def build_dataset(path: str, tokenizer, template, data_args, main_process_first, log):
-    """Tokenized training dataset for `path`, cached under `--cache_dir` (rebuilt with `--overwrite_cache`).
-
-    `main_process_first` is the Trainer's context manager, so under a multi-process launcher one
-    rank builds the cache and the others load it.
-    """
-    import datasets
-
-    key = _cache_key(path, tokenizer, template, data_args)
-    cache = Path(data_args.cache_dir or Path(path).parent / ".fora_cache") / f"{Path(path).stem}-{key}"
-    # Under a launcher only the first local rank rebuilds; the others then load what it wrote.
-    rebuild = data_args.overwrite_cache and os.environ.get("LOCAL_RANK", "0") == "0"
-    with main_process_first(desc=f"tokenizing {path}"):
-        if cache.is_dir() and not rebuild:
-            log(f"Reusing tokenized {path} from {cache}")
-        else:
-            _tokenize_to(cache, path, tokenizer, template, data_args, log)
-        dataset = datasets.load_from_disk(str(cache))
-    cut = sum(dataset["truncated"])
-    if cut:
-        log(
-            f"{path}: {cut} of {len(dataset)} records were cut to --max_source_length "
-            f"{data_args.max_source_length} / --max_target_length {data_args.max_target_length} (kept, shortened)"
-        )
-    return dataset.remove_columns("truncated")
-
-
-def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) -> None:
-    import datasets
-
-    conversations, empty = load_conversations(
-        path, data_args.data_format, data_args.prompt_column, data_args.response_column,
-        empty_response=data_args.empty_response,
-    )
-    if empty:
-        action = "left out" if data_args.empty_response == "skip" else "trained to answer with EOS alone"
-        log(f"{path}: {empty} records have an empty response: {action} (--empty_response)")
-    total = len(conversations) + (empty if data_args.empty_response == "skip" else 0)
-    if data_args.empty_response == "train" and empty > MOSTLY_EMPTY * total:
-        raise UserError(
-            f"{path}: {empty} of {total} records have an empty response (a test split without references?); "
-            "training on them teaches the model to answer nothing: pass --empty_response skip or error, or other data"
-        )
-    if not conversations:
-        raise UserError(f"{path}: no records left to train on (all {empty} have an empty response; --empty_response skip)")
-    rows = [{"where": c.where, "system": c.system, "turns": [list(t) for t in c.turns]} for c in conversations]
-    dataset = datasets.Dataset.from_list(rows).map(
-        tokenize_conversation,
-        fn_kwargs=dict(
-            tokenizer=tokenizer,
-            template=template,
-            max_source_length=data_args.max_source_length,
-            max_target_length=data_args.max_target_length,
-        ),
-        remove_columns=["where", "system", "turns"],
-        num_proc=data_args.preprocessing_num_workers if len(rows) >= 64 else None,
-        desc=f"Tokenizing {Path(path).name}",
-    )
-    # Write to a temporary folder and rename, so an interrupted run never leaves half a cache. The
-    # folder it replaces is renamed away, not deleted in place, so a run building the same cache at
-    # the same moment never finds a half-deleted one.
-    partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    stale = cache.with_name(cache.name + f".stale{os.getpid()}")
-    dataset.save_to_disk(str(partial))
-    with contextlib.suppress(FileNotFoundError):
-        cache.rename(stale)
-    try:
-        partial.rename(cache)
-    except OSError:  # another run put the same cache there in between: keep that one
-        shutil.rmtree(partial)
-    shutil.rmtree(stale, ignore_errors=True)
-
-
-def _cache_key(path: str, tokenizer, template, data_args) -> str:
-    digest = hashlib.sha256(Path(path).read_bytes() if Path(path).is_file() else b"")
-    for part in (
-        CACHE_VERSION,
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        len(tokenizer),
-        getattr(tokenizer, "chat_template", None),
-        template.name,
-        data_args.data_format,
-        data_args.prompt_column,
-        data_args.response_column,
-        data_args.max_source_length,
-        data_args.max_target_length,
-        data_args.empty_response,
-    ):
-        digest.update(repr(part).encode())
-    return digest.hexdigest()[:16]

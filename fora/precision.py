@@ -1,0 +1,110 @@
+"""Precision, decided here and nowhere else: the dtype a model computes in, for every path.
+
+- training: `training_precision(--torch_dtype, --bf16, --fp16)`, called once by the argument parser
+  before `TrainingArguments` exists (its DeepSpeed "auto" values and accelerate's mixed precision read
+  bf16/fp16), gives a `Precision`: the dtype the base loads in and the Trainer's mixed precision;
+- prediction and chat: `inference_dtype(--torch_dtype, run record)`;
+- merging: `merged_dtype(--dtype, base folder)`, the dtype the merged weights are saved in.
+Without CUDA, half precision becomes bf16 on CPUs that multiply it natively, else float32
+(`runnable_dtype`, the one place that knows it); fp16 never runs on a CPU.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]  # a flag's choices: "auto" decides by the rules above
+DTYPE_NAMES: tuple[str, ...] = DtypeName.__args__
+MixedPrecision = Literal["bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a training run computes in."""
+
+    dtype: DtypeName  # the base's weights (the compute dtype under a 4/8-bit base)
+    mixed: MixedPrecision | None  # the Trainer's autocast (--bf16 / --fp16), None = none
+    chosen: str | None = None  # why, when no flag asked for it
+    replaced: str | None = None  # which flags this machine cannot run, and what runs instead
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def report(self) -> None:
+        """Say once, in the run's log, what was replaced (a warning) and what was chosen."""
+        if self.replaced:
+            print(f"warning: {self.replaced}", file=sys.stderr)
+        if self.chosen:
+            print(f"Precision: {self.chosen}")
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16/AMX); emulated bf16 is far slower than fp32."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def native_half() -> DtypeName | None:
+    """The half precision this machine computes in natively: bf16 (CUDA with bf16, or such a CPU), fp16 on
+    older GPUs, none on CPUs without bf16."""
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_bf16() else None
+
+
+def runnable_dtype(name: DtypeName) -> DtypeName:
+    """`name`, except half precision without CUDA: bf16 where the CPU has it natively, else float32."""
+    if torch.cuda.is_available() or name == "float32":
+        return name
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def training_precision(torch_dtype: DtypeChoice, bf16: bool, fp16: bool) -> Precision:
+    """The precision of a training run from its flags.
+
+    No flag at all (--torch_dtype auto, neither --bf16 nor --fp16): the machine's native half precision.
+    Without CUDA, --fp16 (and --bf16 on a CPU without it) and a half --torch_dtype become what the CPU runs.
+    --torch_dtype auto loads the base in the dtype the Trainer computes in.
+    """
+    chosen, replaced = None, []
+    if torch_dtype == "auto" and not (bf16 or fp16):
+        half = native_half()
+        if half:
+            bf16, fp16 = half == "bfloat16", half == "float16"
+            chosen = (f"--{'bf16' if bf16 else 'fp16'}, this machine's native half precision (no precision flag given; "
+                      "--torch_dtype float32 trains in full precision)")
+    if not torch.cuda.is_available() and (fp16 or (bf16 and not cpu_has_bf16())):
+        replaced.append("--fp16" if fp16 else "--bf16")
+        fp16, bf16 = False, cpu_has_bf16()
+    if torch_dtype != "auto" and runnable_dtype(torch_dtype) != torch_dtype:
+        replaced.append(f"--torch_dtype {torch_dtype}")
+        torch_dtype = runnable_dtype(torch_dtype)
+    if torch_dtype == "auto":
+        torch_dtype = "bfloat16" if bf16 else "float16" if fp16 else "float32"
+    return Precision(
+        torch_dtype, "bf16" if bf16 else "fp16" if fp16 else None, chosen,
+        f"no CUDA here; {' and '.join(replaced)} -> {runnable_dtype('bfloat16')} on this CPU" if replaced else None,
+    )
+
+
+def inference_dtype(requested: DtypeChoice, recorded: DtypeName | None) -> DtypeName:
+    """Prediction's and chat's dtype: --torch_dtype, 'auto' = the one recorded at training, else float32."""
+    return runnable_dtype(requested if requested != "auto" else recorded or "float32")
+
+
+def merged_dtype(requested: DtypeChoice, base: str) -> torch.dtype:
+    """merge_lora.py --dtype; 'auto' = the dtype the base checkpoint is stored in (float32 when it does not say)."""
+    from fora.io import read_json
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    config_file = Path(base) / "config.json"
+    stored = None
+    if config_file.is_file():
+        config = read_json(config_file)
+        stored = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, stored) if stored in DTYPE_NAMES else torch.float32
