@@ -27,7 +27,6 @@ from rouge_chinese import Rouge
 jieba.setLogLevel(logging.WARNING)  # jieba logs "Building prefix dict ..." to stderr on first use
 
 RECORD_KEYS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match")
-TRIPLE_KEYS = ("triple_precision", "triple_recall", "triple_f1")
 _ROUGE = Rouge()
 _SMOOTH = SmoothingFunction().method3
 
