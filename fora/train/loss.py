@@ -46,6 +46,24 @@ SUPERVISED_LOSS_MODELS: dict[str, Callable[[PretrainedConfig], OutputLogits]] = 
     "granite": lambda config: OutputLogits(scale=1 / config.logits_scaling),
 }
 
+class DecoderOutput:
+    """The final hidden states of a model's decoder body (after its final norm: what the output layer reads),
+    caught by a forward hook while the model runs. Asking the model for them instead (output_hidden_states)
+    returns every layer's states, which mixed precision then converts to float32 one by one: a float32 copy
+    of all the activations, which gradient checkpointing exists to avoid."""
+
+    def __init__(self, decoder: nn.Module):
+        self.value: torch.Tensor | None = None
+        decoder.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.value = output[0]  # last_hidden_state, of a ModelOutput or a tuple
+
+    def take(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        return value
+
+
 def supervised_loss_sum(
     states: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None, output: OutputLogits = OutputLogits()
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +80,8 @@ def supervised_loss_sum(
     if head is None:
         total = F.cross_entropy(selected.float(), selected_targets, reduction="sum")
     else:
-        # Under mixed precision (--bf16/--fp16) accelerate upcasts the model's outputs to float32 after its
-        # autocast forward; the head is applied here, outside that autocast, so it gets its own dtype back.
+        # The states come from inside the model's autocast forward (mixed precision); the head runs here,
+        # outside that autocast, in its own dtype.
         selected = selected.to(head.weight.dtype)
         total = HeadCrossEntropy.apply(
             selected, head.weight, head.bias, selected_targets, output.scale, output.softcap, torch.is_grad_enabled()

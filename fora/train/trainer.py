@@ -12,7 +12,7 @@ from transformers import set_seed
 from fora.errors import UserError
 from fora.run import RunRecord
 from fora.train.checkpoints import StagedCheckpoints, last_checkpoint
-from fora.train.loss import SUPERVISED_LOSS_MODELS, supervised_loss_sum
+from fora.train.loss import SUPERVISED_LOSS_MODELS, DecoderOutput, supervised_loss_sum
 from fora.train.sampler import GlobalBatchSampler, SamplerEpoch
 
 NO_BAD_STEP = torch.iinfo(torch.int64).max
@@ -49,6 +49,7 @@ class SupervisedTrainer(StagedCheckpoints):
         requested = getattr(self.args, "supervised_logits", True)
         self.head_on_selected = proven and plain_head and requested
         self.output_logits = SUPERVISED_LOSS_MODELS[model_type](base.config) if self.head_on_selected else None
+        self.decoder_output = DecoderOutput(base.get_decoder()) if self.head_on_selected else None
         self.drop_padding_mask = proven
         if requested and not proven and self.is_world_process_zero():
             logger.warning(
@@ -72,9 +73,9 @@ class SupervisedTrainer(StagedCheckpoints):
             # No logits at all (an empty index, not 1: the last position is a strided slice, which the head
             # multiplies through a batched matmul over a copy of its weight per row, a slow path in bf16).
             no_logits = torch.empty(0, dtype=torch.long, device=labels.device)
-            outputs = model(**model_inputs, logits_to_keep=no_logits, output_hidden_states=True, use_cache=False)
+            outputs = model(**model_inputs, logits_to_keep=no_logits, use_cache=False)
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            loss_sum, count = supervised_loss_sum(outputs.hidden_states[-1], labels, head, self.output_logits)
+            loss_sum, count = supervised_loss_sum(self.decoder_output.take(), labels, head, self.output_logits)
         else:
             outputs = model(**model_inputs, use_cache=False)
             loss_sum, count = supervised_loss_sum(outputs.logits, labels, None)
