@@ -24,7 +24,8 @@ def train() -> None:
 
 
 def train_qlora() -> None:
-    """train_lora.py with `--quantization_bit 4` by default; on CUDA, paged AdamW unless an optimizer is chosen."""
+    """train_lora.py with `--quantization_bit 4` by default; one process on CUDA takes paged AdamW unless an
+    optimizer is chosen."""
     import torch
 
     from fora.train.recipe import main
@@ -34,18 +35,20 @@ def train_qlora() -> None:
 
 
 def with_paged_optimizer(argv: list[str], cuda: bool) -> list[str]:
-    """`argv` plus `--optim paged_adamw_8bit` on CUDA unless the flags or the argument file choose an optimizer."""
+    """`argv` plus `--optim paged_adamw_8bit` (the QLoRA paper's, its states paged out under memory pressure) on
+    CUDA, unless the flags or the argument file choose an optimizer or DeepSpeed: under ZeRO the Trainer's AdamW,
+    whose states ZeRO partitions across the GPUs, as LLaMA-Factory's QLoRA + DeepSpeed examples run it (DeepSpeed
+    calls bitsandbytes' optimizers untested and its fp16 loss scaling has not been shown with them)."""
     from fora.args.parsing import argument_file_flags, is_argument_file
 
-    if not cuda or any(arg == "--optim" or arg.startswith("--optim=") for arg in argv):
-        return argv
+    given = list(argv)
     if is_argument_file(argv):
         try:
-            if "--optim" in argument_file_flags(argv[0]):
-                return argv
+            given += argument_file_flags(argv[0])
         except UserError:
             return argv  # the argument file is broken; parse_args reports it
-    return [*argv, "--optim", PAGED_OPTIMIZER]
+    chosen = any(arg.split("=", 1)[0] in ("--optim", "--deepspeed") for arg in given)
+    return argv if not cuda or chosen else [*argv, "--optim", PAGED_OPTIMIZER]
 
 
 def predict() -> None:

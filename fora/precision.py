@@ -3,8 +3,9 @@
 - training: `training_precision(--torch_dtype, --bf16, --fp16)`, called once by the argument parser
   before `TrainingArguments` exists (its DeepSpeed "auto" values and accelerate's mixed precision read
   bf16/fp16), gives a `Precision`: the dtype the base loads in and the Trainer's mixed precision;
-- prediction and chat: `inference_dtype(--torch_dtype, run record)`;
-- merging: `merged_dtype(--dtype, base folder)`, the dtype the merged weights are saved in.
+- prediction and chat: `inference_dtype(--torch_dtype, run record, checkpoint)`;
+- merging: `merged_dtype(--dtype, base folder)`, the dtype the merged weights are saved in;
+- which parameters train in float32: `keep_trainable_in_float32`.
 Without CUDA, half precision becomes bf16 on CPUs that multiply it natively, else float32
 (`runnable_dtype`, the one place that knows it); fp16 never runs on a CPU.
 """
@@ -52,7 +53,8 @@ def native_half() -> DtypeName | None:
     """The half precision this machine computes in natively: bf16 (CUDA with bf16, or such a CPU), fp16 on
     older GPUs, none on CPUs without bf16."""
     if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # The hardware's answer: V100 and T4 emulate bf16 (slowly) and compute fp16 natively.
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return "bfloat16" if cpu_has_bf16() else None
 
 
@@ -91,20 +93,40 @@ def training_precision(torch_dtype: DtypeChoice, bf16: bool, fp16: bool) -> Prec
     )
 
 
-def inference_dtype(requested: DtypeChoice, recorded: DtypeName | None) -> DtypeName:
-    """Prediction's and chat's dtype: --torch_dtype, 'auto' = the one recorded at training, else float32."""
-    return runnable_dtype(requested if requested != "auto" else recorded or "float32")
+def inference_dtype(requested: DtypeChoice, recorded: DtypeName | None, checkpoint: str | None = None) -> DtypeName:
+    """Prediction's and chat's dtype: --torch_dtype; 'auto' = the one recorded at training; without a record
+    (a merged or base model), on CUDA the dtype `checkpoint` is stored in, else float32 (exact, and on a CPU
+    without native bf16 the fast one)."""
+    if requested == "auto":
+        requested = recorded or (stored_dtype(checkpoint) if torch.cuda.is_available() and checkpoint else None) or "float32"
+    return runnable_dtype(requested)
 
 
 def merged_dtype(requested: DtypeChoice, base: str) -> torch.dtype:
     """merge_lora.py --dtype; 'auto' = the dtype the base checkpoint is stored in (float32 when it does not say)."""
+    return getattr(torch, requested if requested != "auto" else stored_dtype(base) or "float32")
+
+
+def stored_dtype(folder: str) -> DtypeName | None:
+    """The dtype a local checkpoint's config.json says its weights are stored in, if it says."""
     from fora.io import read_json
 
-    if requested != "auto":
-        return getattr(torch, requested)
-    config_file = Path(base) / "config.json"
-    stored = None
-    if config_file.is_file():
-        config = read_json(config_file)
-        stored = config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, stored) if stored in DTYPE_NAMES else torch.float32
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in DTYPE_NAMES else None
+
+
+def keep_trainable_in_float32(model, precision: Precision, deepspeed: bool) -> int:
+    """Under --fp16 without DeepSpeed, every trainable parameter in float32: the Trainer's GradScaler refuses to
+    unscale fp16 gradients, so fp16 weights that train (full fine-tuning, PEFT's modules_to_save copies) stop
+    it at the first step. The frozen base stays in fp16 and autocast computes in fp16; DeepSpeed keeps its own
+    float32 master weights. Returns how many parameters were converted."""
+    if precision.mixed != "fp16" or deepspeed:
+        return 0
+    converted = [param for param in model.parameters() if param.requires_grad and param.dtype != torch.float32]
+    for param in converted:
+        param.data = param.data.float()
+    return len(converted)

@@ -17,6 +17,7 @@ from fora.errors import UserError
 from fora.io import refuse_earlier_output
 from fora.models.load import load_model, resolve_model_path
 from fora.models.tokenizer import load_tokenizer
+from fora.precision import keep_trainable_in_float32
 from fora.tuners.attach import attach_adapter
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # the keys of a Flower message's records
@@ -90,7 +91,9 @@ def load_adapted_model(run: FederatedRun, model_path: str | None):
         path, run.dtype, run.model.trust_remote_code, run.model.quantization_bit, unmap_freed_memory=run.model.unmap_freed_memory
     )
     set_seed(run.training.seed)
-    return path, tokenizer, template, attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
+    model = attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
+    keep_trainable_in_float32(model, run.training.precision, deepspeed=False)
+    return path, tokenizer, template, model
 
 def quiet_training_args(training, work_dir: str):
     """A copy of the run's TrainArguments that writes nothing (no checkpoints, no reports) into `work_dir`,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
@@ -103,13 +104,13 @@ class StagedCheckpoints(Trainer):
         then renamed into OUTPUT_DIR: a save that fails midway leaves no half-written file, and an earlier
         model there as it was. (Checkpoints, `_internal_call`, are staged whole by _save_checkpoint.)"""
         if _internal_call:
-            return super().save_model(output_dir, _internal_call)
+            return self._write_model(output_dir)
         self.refuse_to_save()
         output_dir = Path(output_dir or self.args.output_dir)
         staging = output_dir / f"{STAGING_PREFIX}model"
         self._clear_before_writing(staging)
         try:
-            super().save_model(str(staging), _internal_call=True)  # no Hub push before the files are in place
+            self._write_model(str(staging))  # no Hub push before the files are in place
         except BaseException:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -124,6 +125,17 @@ class StagedCheckpoints(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _write_model(self, output_dir: str) -> None:
+        """The model's files (weights or adapter, tokenizer, training arguments) into `output_dir`. Under DeepSpeed
+        ZeRO-1/2 every rank holds the whole model, and the Trainer's own path first copies its whole state dict,
+        frozen base included, into host memory on every rank (accelerate's get_state_dict); here the saving rank
+        has the model write itself, which for an adapter means its trainable tensors only, as without DeepSpeed."""
+        if self.is_deepspeed_enabled and not is_deepspeed_zero3_enabled():
+            if self.args.should_save:
+                self._save(output_dir)
+            return
+        super().save_model(output_dir, _internal_call=True)
 
     def _clear_before_writing(self, staging: str | Path) -> None:
         """Remove what a save killed midway left in `staging`, before any rank writes there."""

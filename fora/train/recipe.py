@@ -4,9 +4,11 @@
     → train (SupervisedTrainer) → save the adapter, the run record, the results and the loss curve
 """
 
+import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -18,6 +20,7 @@ from fora.errors import UserError
 from fora.io import refuse_earlier_output, write_json
 from fora.models.load import load_model, resolve_model_path
 from fora.models.tokenizer import load_tokenizer, save_base_tokenizer
+from fora.precision import keep_trainable_in_float32
 from fora.run import RunRecord
 from fora.train.callbacks import LossPlotCallback, plot_loss
 from fora.train.checkpoints import last_checkpoint
@@ -29,6 +32,7 @@ PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.j
 # --save_total_limit would otherwise pick) and what a killed save left. Its final adapter stays until the new
 # one replaces it whole, so a run that fails before then loses nothing.
 PREVIOUS_CHECKPOINTS = ("checkpoint-*", ".tmp-*")
+ZERO_BUCKET_LIMIT = int(5e8)  # DeepSpeed's own default bucket size, in elements
 
 
 def main(argv: list[str] | None = None, default_quantization_bit: int | None = None) -> None:
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     training_args.precision.report()
     dtype = training_args.precision.torch_dtype
 
+    refuse_data_parallel(torch.cuda.device_count(), int(os.environ.get("WORLD_SIZE", "1")))
     training_args.device  # noqa: B018 -- joins the launcher's process group now, so ranks know who they are
     is_main = training_args.process_index == 0
     log = print if is_main else (lambda *_: None)
@@ -93,9 +98,13 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     model = attach_adapter(model, finetuning_args, training_args.gradient_checkpointing)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if keep_trainable_in_float32(model, training_args.precision, bool(training_args.deepspeed)):
+        log("--fp16: the trained parameters are kept in float32 (the gradient scaler unscales float32 only)")
     trainable, total = count_parameters(model)
     log(f"Fine-tuning: {finetuning_args.finetuning_type}; trainable parameters: {trainable:,} of {total:,} "
         f"({100 * trainable / total:.4f}%)")
+    if training_args.deepspeed:
+        size_zero_buckets(training_args.hf_deepspeed_config.config, model)
 
     # 4. Train, into a folder cleared of any previous run only now that data and model have loaded.
     if previous and not resume:
@@ -136,6 +145,8 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
             "trainable_parameters": trainable,
             "total_parameters": total,
             "final_loss": losses[-1] if losses else result.training_loss,
+            # this process's peak on its GPU (torch's allocator), for the memory estimate to be compared with
+            "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }
         write_json(output_dir / "train_results.json", results)
         plot_loss(trainer.state.log_history, output_dir / "training_loss.png")
@@ -152,3 +163,25 @@ def clear_previous_run(output_dir: Path, logging_dir: Path) -> int:
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return len(stale)
+
+
+def refuse_data_parallel(gpus: int, processes: int) -> None:
+    """One process on a machine with several GPUs would fall into torch's DataParallel (a batch split across
+    the GPUs behind the sampler's back) or, on a 4-bit base, run every GPU's batch on the first one."""
+    if gpus > 1 and processes == 1:
+        raise UserError(
+            f"this machine has {gpus} GPUs and the run is one process: launch it with torchrun --nproc_per_node {gpus} "
+            f"or deepspeed --num_gpus {gpus}, or give it one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+
+
+def size_zero_buckets(config: dict, model) -> None:
+    """DeepSpeed ZeRO's communication buckets, where the config says "auto": as large as what trains (every
+    trainable element in one bucket), never smaller than its largest tensor, at most DeepSpeed's own 5e8. Fixed
+    at 5e8 elements, the buckets (two with overlap_comm) would take gigabytes per GPU for an adapter of a few MB."""
+    zero = config.get("zero_optimization", {})
+    trainable = [param.numel() for param in model.parameters() if param.requires_grad]
+    size = max(max(trainable, default=1), min(sum(trainable), ZERO_BUCKET_LIMIT))
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key) == "auto":
+            zero[key] = size
