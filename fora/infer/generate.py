@@ -13,6 +13,7 @@ budget in the batch is spent (KV cache on). Beam search with budgets that differ
 searches to the largest one, then cuts, so it may differ from one-at-a-time."""
 
 import copy
+from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig
@@ -108,11 +109,14 @@ def generate_ids(
     batch_size: int = 8,
     config: GenerationConfig | None = None,
     progress: bool = True,
+    on_shrink: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """The new token ids for each prompt, in input order, cut before the first stop token.
 
     `max_new_tokens` is one budget for all or one per prompt. `config` (see `generation_config`)
     chooses greedy, beam search or sampling; default greedy. Sampled output depends on the batching.
+    With `on_shrink`, a batch that runs out of memory (`out_of_memory`) is tried again at half the size,
+    and so are the batches after it, the finished ones kept; `on_shrink(old, new)` is told each time.
     """
     from tqdm import tqdm
 
@@ -131,7 +135,8 @@ def generate_ids(
             note_once(f"note: {model.config.model_type}: generating with left-padded batches, without the shared-prefix "
                       "and reserved-cache fast path (proven for transformers' own full-attention models only)")
         shared = SharedPrefix.encode(model, prompts, device) if use_prefix else None
-        for start in range(0, len(order), batch_size):
+        start = 0
+        while start < len(order):
             rows = order[start : start + batch_size]
             batch = [prompts[i] for i in rows]
             # The batch runs to its largest budget (or until every row has stopped); each row is cut to its own.
@@ -145,15 +150,45 @@ def generate_ids(
                     model, batch, tokenizer.pad_token_id, batch_config.max_new_tokens
                 )
             given_cache = {} if cache is None else {"cache": cache}  # remote-code models take no `cache` argument
-            output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=batch_config, **given_cache
-            )
+            try:
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=batch_config, **given_cache
+                )
+            except (RuntimeError, MemoryError) as error:
+                if on_shrink is None or batch_size == 1 or not out_of_memory(error):
+                    raise
+                del input_ids, attention_mask, cache, given_cache
+                release_device_memory()
+                on_shrink(batch_size, batch_size // 2)
+                batch_size //= 2
+                continue
             for row, index in enumerate(rows):
                 new = output[row, input_ids.shape[1] :].tolist()[: budgets[index]]
                 cut = next((k for k, token in enumerate(new) if token in stop), len(new))
                 results[index] = new[:cut]
             bar.update(len(rows))
+            start += len(rows)
     return results
+
+
+# What an allocation that failed says: torch's OutOfMemoryError ("CUDA out of memory"), cuBLAS and cuDNN failing to
+# get their workspace, the CPU allocator. accelerate's batch search knows only some of them.
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_NOT_SUPPORTED", "can't allocate memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """True when `error` says an allocation failed (so a smaller batch may fit)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(m in str(error) for m in OUT_OF_MEMORY_MESSAGES)
+
+
+def release_device_memory() -> None:
+    """Give back what a failed batch held before a smaller one tries."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,24 +84,18 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer, template.stop_token_ids(tokenizer), args.do_sample, args.num_beams, args.temperature, args.top_p,
         model=model if args.use_model_generation_config else None,
     )
-    tried = []
+    # Without --batch_size, the largest batch that fits: from AUTO_BATCH_SIZE down, halved where memory runs out.
+    sizes = [args.batch_size or min(AUTO_BATCH_SIZE, len(prompts))]
 
-    def generate_in_batches(batch_size: int) -> list[list[int]]:
-        if tried:
-            print(f"note: out of memory at --batch_size {tried[-1]}; trying {batch_size}", file=sys.stderr)
-        tried.append(batch_size)
-        return generate.generate_ids(
-            model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, batch_size, config
-        )
+    def shrink(old: int, new: int) -> None:
+        print(f"note: out of memory at --batch_size {old}; the remaining prompts at {new}", file=sys.stderr)
+        sizes.append(new)
 
     started = time.perf_counter()
-    if args.batch_size:
-        new_ids = generate_in_batches(args.batch_size)
-    else:  # the largest batch that fits, as accelerate finds it for training
-        from accelerate.utils import find_executable_batch_size
-
-        largest = min(AUTO_BATCH_SIZE, len(prompts))
-        new_ids = find_executable_batch_size(generate_in_batches, largest, reduce_batch_size_fn=lambda: tried[-1] // 2)()
+    new_ids = generate.generate_ids(
+        model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, sizes[0], config,
+        on_shrink=None if args.batch_size else shrink,
+    )
     runtime = time.perf_counter() - started
     predictions = [generate.decode(tokenizer, ids) for ids in new_ids]
 
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_src_len": max_source_length,  # the seed's name for it, kept in the file
             "max_len": args.max_len,
             "max_new_tokens": args.max_new_tokens,
-            "batch_size": tried[-1],
+            "batch_size": sizes[-1],
             "do_sample": args.do_sample,
             "num_beams": args.num_beams,
             **({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.do_sample else {}),

@@ -53,7 +53,8 @@ def load_inference_model(
       rounding much of a small dW away; on a quantized base it always stays separate;
     - a model folder (config.json + weights; merged or fully fine-tuned): loaded as it is;
     - None: the base model itself (`base_model`, else the embedded default).
-    Flags given here win over the recorded values. The tokenizer comes from the folder holding the
+    Without a record the dtype is float32, but on CUDA the one the checkpoint is stored in (precision.py);
+    the model loads straight onto this process's device. Flags given here win over the recorded values. The tokenizer comes from the folder holding the
     weights (the base under an adapter), as training loaded it. The returned info is the run record as
     a dict (empty if none) plus model_kind (adapter, model, base), base_model, torch_dtype,
     quantization_bit and merged.
@@ -89,20 +90,18 @@ def load_inference_model(
     model_path = resolve_model_path(model_source, model_flag)
     if quantization_bit is None and kind == "adapter" and record:
         quantization_bit = record.quantization_bit
-    dtype_name = inference_dtype(torch_dtype, record.torch_dtype if record else None)
+    dtype_name = inference_dtype(torch_dtype, record.torch_dtype if record else None, model_path)
     require_remote_code_flag(trust_remote_code, record, model_dir, model_path)
 
     tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
     with _damaged_files_named(model_flag, model_path):
-        model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag)
+        model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag, on_device=True)
     merged = False
     if adapter:
         with _damaged_files_named("--model_dir", adapter):
             model = load_adapter(model, adapter, flag="--model_dir")
         if merge and not quantization_bit and dtype_name == "float32":
             model, merged = model.merge_and_unload(), True  # W + dW once: same outputs up to rounding, no adapter work per token
-    if not quantization_bit and torch.cuda.is_available():
-        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     model.eval()
     info = {
         **(asdict(record) if record else {}),

@@ -100,8 +100,12 @@ def load_model(
     quantization_bit: int | None = None,
     flag: str = "--model_name_or_path",
     unmap_freed_memory: bool = True,
+    on_device: bool = False,
 ):
     """The base model in `dtype`, or quantized to 4-bit NF4 / 8-bit with `dtype` as compute dtype.
+
+    A quantized model, and with `on_device` any model (prediction, chat), loads straight onto this process's
+    device (`local_device`); otherwise on the CPU, for the Trainer to place.
 
     A quantized base on CPU is read with `pread` instead of memory-mapping its safetensors files
     (see `_pread_state_dict`), and the memory freed by quantizing is handed back to the system;
@@ -113,9 +117,8 @@ def load_model(
     compat.prepare_remote_code(model_path, trust_remote_code, flag)
     if quantization_bit:
         kwargs["quantization_config"] = quantization_config(quantization_bit, dtype)
-        # Each process holds its whole model on its own device (data parallel).
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        kwargs["device_map"] = {"": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"}
+    if quantization_bit or on_device:
+        kwargs["device_map"] = {"": local_device()}  # each process holds its whole model (data parallel)
     try:
         if quantization_bit and not torch.cuda.is_available():
             if unmap_freed_memory:
@@ -132,6 +135,11 @@ def load_model(
     finally:
         if quantization_bit:
             release_freed_memory()
+
+def local_device() -> str:
+    """This process's device: its launcher's GPU (LOCAL_RANK) on CUDA, else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
 
 def keep_4bit_layers_on_the_plain_path(model) -> None:
     """Turn off bitsandbytes' packed inference path for 4-bit layers on CPUs with AVX512-BF16.
