@@ -96,7 +96,6 @@ class DataArguments:
         self.response_column = self.response_column or response
 
 
-
 def registered_dataset(dataset_dir: str | None, name: str) -> tuple[str, str | None, str | None]:
     """File path, query column and response column of dataset NAME in DATASET_DIR/dataset_info.json."""
     registry = Path(dataset_dir or "data") / "dataset_info.json"

@@ -40,6 +40,7 @@ def build_dataset(path: str, tokenizer, template, data_args, main_process_first,
         )
     return dataset.remove_columns("truncated")
 
+
 def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) -> None:
     import datasets
 
@@ -84,6 +85,7 @@ def _tokenize_to(cache: Path, path: str, tokenizer, template, data_args, log) ->
     except OSError:  # another run put the same cache there in between: keep that one
         shutil.rmtree(partial)
     shutil.rmtree(stale, ignore_errors=True)
+
 
 def _cache_key(path: str, tokenizer, template, data_args) -> str:
     digest = hashlib.sha256(Path(path).read_bytes() if Path(path).is_file() else b"")

@@ -17,6 +17,7 @@ def render_turns(
     except UserError as error:
         raise UserError(f"{where}: {error}") from None
 
+
 def encode(segments: list[Segment], max_source_length: int, max_target_length: int) -> tuple[list[int], list[int], bool]:
     """Concatenate rendered turns into input ids and labels (-100 on every prompt position).
 
@@ -35,6 +36,7 @@ def encode(segments: list[Segment], max_source_length: int, max_target_length: i
         input_ids += prompt_ids + response_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + response_ids
     return input_ids, labels, truncated
+
 
 def tokenize_conversation(conversation: dict, tokenizer, template, max_source_length: int, max_target_length: int) -> dict:
     """One record ({"where", "system", "turns"}) as training input ids, labels and length."""

@@ -28,6 +28,7 @@ class Conversation:
     system: str | None
     turns: list[Turn]  # the last assistant is None when the record has no reference (prediction only)
 
+
 @dataclass
 class Columns:
     """Which field of a record holds what (alpaca / promptcblue / columns formats)."""
@@ -37,6 +38,7 @@ class Columns:
     instruction: str | None = None
     system: str | None = None
     history: str | None = None
+
 
 def detect_format(
     records: list[Record], path: str, data_format: str, prompt_column: str | None, response_column: str | None
@@ -59,6 +61,7 @@ def detect_format(
         "pass --data_format or --prompt_column and --response_column"
     )
 
+
 def columns_for(data_format: str, prompt_column: str | None, response_column: str | None) -> Columns:
     defaults = {
         "alpaca": Columns("input", "output", instruction="instruction", system="system", history="history"),
@@ -70,6 +73,7 @@ def columns_for(data_format: str, prompt_column: str | None, response_column: st
     defaults.prompt = prompt_column or defaults.prompt
     defaults.response = response_column or defaults.response
     return defaults
+
 
 def load_conversations(
     path: str,
@@ -96,6 +100,7 @@ def load_conversations(
         conversations = [c for c in conversations if id(c) not in skipped]
     return conversations, len(empty)
 
+
 def _convert(
     records, path, data_format, prompt_column, response_column, require_response, reject_empty
 ) -> list[Conversation]:
@@ -113,6 +118,7 @@ def _convert(
         return [_from_columns(r, columns, require_response, reject_empty) for r in records]
     convert = _from_xtuner if data_format == "xtuner" else _from_sharegpt
     return [convert(r, require_response, reject_empty) for r in records]
+
 
 def _from_columns(record: Record, columns: Columns, require_response: bool, reject_empty: bool) -> Conversation:
     value = record.value
@@ -135,6 +141,7 @@ def _from_columns(record: Record, columns: Columns, require_response: bool, reje
     response = _response(record, columns.response, value.get(columns.response), require_response, reject_empty)
     return Conversation(record.where, system or None, history + [(user, response)])
 
+
 def _from_xtuner(record: Record, require_response: bool, reject_empty: bool) -> Conversation:
     turns_value = record.value.get("conversation")
     if not isinstance(turns_value, list) or not turns_value:
@@ -151,6 +158,7 @@ def _from_xtuner(record: Record, require_response: bool, reject_empty: bool) -> 
         assistant = _response(record, f"{field}.output", turn.get("output"), require_response or not last, reject_empty)
         turns.append((user, assistant))
     return Conversation(record.where, system, turns)
+
 
 def _from_sharegpt(record: Record, require_response: bool, reject_empty: bool) -> Conversation:
     messages = record.value.get("conversations")
@@ -185,10 +193,12 @@ def _from_sharegpt(record: Record, require_response: bool, reject_empty: bool) -
         raise UserError(f"{record.where}: field 'conversations' has no human turn")
     return Conversation(record.where, system, turns)
 
+
 def _text(record: Record, field: str) -> str:
     """An optional text field: missing or null is empty."""
     value = record.value.get(field)
     return "" if value is None else _check_str(record, field, value)
+
 
 def _check_str(record: Record, field: str, value) -> str:
     if value is None:
@@ -196,6 +206,7 @@ def _check_str(record: Record, field: str, value) -> str:
     if not isinstance(value, str):
         raise UserError(f"{record.where}: field {field!r} must be a string, got {_json_type(value)}")
     return value
+
 
 def _response(record: Record, field: str, value, required: bool, reject_empty: bool) -> str | None:
     """A reply: missing or null is an error in training and "no reference" in prediction.
@@ -210,6 +221,7 @@ def _response(record: Record, field: str, value, required: bool, reject_empty: b
             f"{record.where}: field {field!r} is empty (pass --empty_response train or skip to accept such records)"
         )
     return value
+
 
 def _json_type(value) -> str:
     names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}

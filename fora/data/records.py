@@ -14,6 +14,7 @@ class Record:
     where: str  # "FILE: line N" or "FILE: record N", for error messages
     value: object
 
+
 def read_records(path: str) -> list[Record]:
     """Records of a JSON array or JSON Lines file, each with its location for error messages."""
     file = Path(path)

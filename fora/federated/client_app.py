@@ -79,6 +79,7 @@ class ClientTrainer(SupervisedTrainer):
         loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
+
 class Site:
     """A client's base model with its adapter, tokenizer and template, loaded once per process and
     reused every round (each round overwrites the adapter with the global one)."""
@@ -120,6 +121,7 @@ class Site:
             result = trainer.train()
         return adapter_state(self.model), len(dataset), result.training_loss
 
+
 def local_training_args(training, fed: FederatedArguments, work_dir: str, server_round: int):
     """The run's TrainArguments for one round of local training: its length, and a seed per round for
     the order within the round's records (which records, `round_indices` decides). Under
@@ -138,12 +140,14 @@ def local_training_args(training, fed: FederatedArguments, work_dir: str, server
 
 _sites: dict[tuple, Site] = {}  # per process: the simulation reuses its workers across rounds and clients
 
+
 def site_for(run: FederatedRun, argv: list[str], model_path: str | None) -> Site:
     key = (tuple(argv), model_path)
     if key not in _sites:
         _sites.clear()  # one base model per process
         _sites[key] = Site(run, model_path)
     return _sites[key]
+
 
 def make_client_app(argv: list[str] | None = None):
     """The ClientApp. `argv`: the flags (simulation); None: read them from the run config (deployment)."""
@@ -170,6 +174,7 @@ def make_client_app(argv: list[str] | None = None):
 
     return app
 
+
 def clip_when_asked(msg, context, call_next):
     """A ClientApp mod: Flower's client-side update clipping (fixedclipping_mod) when the server's
     config carries a clipping norm (--dp_clipping_norm), else nothing."""
@@ -177,6 +182,7 @@ def clip_when_asked(msg, context, call_next):
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
 
 class ClientFailed(RuntimeError):
     """A client's round failed; the message starts with `client N:`, which the server's log repeats."""

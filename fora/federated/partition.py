@@ -50,17 +50,20 @@ def client_data_files(run: FederatedRun) -> list[str]:
         files.append(str(path))
     return files
 
+
 def simulated_client_file(run: FederatedRun, client: int) -> str:
     """A simulated client's data: its --client_files entry, else the share `client_data_files` wrote for it."""
     if run.federated.partition == "files":
         return run.federated.client_file_list()[client]
     return str(run.output_dir / PARTITION_DIR / f"client-{client}.jsonl")
 
+
 def split_iid(num_records: int, num_clients: int, seed: int) -> list[list[int]]:
     """Record indices shuffled with `seed` and dealt into `num_clients` shares whose sizes differ by at most one."""
     order = list(range(num_records))
     random.Random(seed).shuffle(order)
     return [sorted(order[client::num_clients]) for client in range(num_clients)]
+
 
 def split_by_field(records, name: str, num_clients: int) -> list[list[int]]:
     """Record indices grouped by the value of field `name`; each group goes whole to one client (the
@@ -77,6 +80,7 @@ def split_by_field(records, name: str, num_clients: int) -> list[list[int]]:
     for _, indices in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
         min(shares, key=len).extend(indices)
     return [sorted(share) for share in shares]
+
 
 def round_indices(num_records: int, per_round: int, server_round: int, seed: int) -> list[int]:
     """The records of a client's round: slice r of one stream of seeded shuffled passes over its data, so

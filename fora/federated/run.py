@@ -51,6 +51,7 @@ class FederatedRun:
     def output_dir(self) -> Path:
         return Path(self.training.output_dir)
 
+
 def parse(argv: list[str] | None) -> FederatedRun:
     model_args, data_args, finetuning_args, training_args, federated_args = parse_args(
         (ModelArguments, DataArguments, FinetuningArguments, TrainArguments, FederatedArguments), argv
@@ -61,17 +62,21 @@ def parse(argv: list[str] | None) -> FederatedRun:
         raise UserError("--lr_scheduler_type reduce_lr_on_plateau: clients do not evaluate while they train; choose a fixed schedule")
     return FederatedRun(model_args, data_args, finetuning_args, training_args, federated_args, training_args.precision.torch_dtype)
 
+
 def refuse_previous_run(run: FederatedRun) -> None:
     """An --output_dir holding an earlier run's adapters is replaced only with --overwrite_output_dir."""
     refuse_earlier_output(run.output_dir, PREVIOUS_RUN_MARKERS, run.training.overwrite_output_dir)
+
 
 def argv_from_run_config(run_config: dict) -> list[str]:
     """A deployed run's flags: the run config's `flags` string (`flwr run --run-config 'flags="..."'`)."""
     return shlex.split(str(run_config.get("flags", "")))
 
+
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapter's tensors (PEFT's names, as in adapter_model.safetensors), detached CPU copies."""
     return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+
 
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     """Put adapter tensors (from `adapter_state`, here or at another site) into `model`'s adapter."""
@@ -79,6 +84,7 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     if set(state) != expected:
         raise ValueError(f"the adapter received does not fit this model: {len(set(state) ^ expected)} tensor names differ")
     set_peft_model_state_dict(model, state)
+
 
 def load_adapted_model(run: FederatedRun, model_path: str | None):
     """Model path, tokenizer, template and base model with the run's adapter attached, as train_lora.py
@@ -94,6 +100,7 @@ def load_adapted_model(run: FederatedRun, model_path: str | None):
     model = attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)
     keep_trainable_in_float32(model, run.training.precision, deepspeed=False)
     return path, tokenizer, template, model
+
 
 def quiet_training_args(training, work_dir: str):
     """A copy of the run's TrainArguments that writes nothing (no checkpoints, no reports) into `work_dir`,

@@ -111,6 +111,7 @@ class GlobalAdapter:
             scores.update({key: scored[key] for key in ("rouge-l", "bleu-4") if key in scored})
         return scores
 
+
 class History:
     """federated_history.json and one plot per metric, rewritten after every round."""
 
@@ -145,6 +146,7 @@ class History:
             figure.tight_layout()
             figure.savefig(self.output_dir / f"federated_{metric.replace('-', '_')}.png")
             plt.close(figure)
+
 
 def serve(grid, argv: list[str]) -> None:
     """The ServerApp's body: initial adapter, the rounds, a saved and evaluated adapter after each."""
@@ -193,6 +195,7 @@ def serve(grid, argv: list[str]) -> None:
     server.save(run.output_dir, result.arrays.to_torch_state_dict(), fed.num_rounds)
     logger.info("Global adapter saved to %s (one per round in %s/round-N); history: %s",
                 run.output_dir, run.output_dir, run.output_dir / HISTORY_FILE)
+
 
 def make_server_app(argv: list[str] | None = None):
     """The ServerApp. `argv`: the flags (simulation); None: read them from the run config (deployment)."""

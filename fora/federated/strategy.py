@@ -15,6 +15,7 @@ from fora.federated.run import ARRAYS, METRICS, NUM_EXAMPLES, logger
 class FederationFailed(RuntimeError):
     """No round changed the global adapter: every round had fewer than --min_fit_clients client updates."""
 
+
 class ServerAdamW:
     """FedOpt's server step (Reddi et al., 2021) with the run's optimizer: the clients' mean change divided
     by their SGD rate is minus a gradient, which the server clips as the Trainer does and feeds to one
@@ -43,6 +44,7 @@ class ServerAdamW:
         self.optimizer.step()
         self.schedule.step()
         return {name: weight.detach().to(sent[name].dtype) for name, weight in self.weights.items()}
+
 
 class AdapterAveraging(FedAvgM):
     """FedAvg over adapter tensors, weighted by each client's number of examples (Flower's aggregation),
@@ -123,6 +125,7 @@ class AdapterAveraging(FedAvgM):
         if found:
             return f"client {found.group(1)}"
         return self.client_names.get(node_id, f"node {node_id}")
+
 
 def failure_summary(reason: str) -> str:
     """The client's own exception line out of a failure report (which may carry whole tracebacks)."""

@@ -24,6 +24,7 @@ def return_large_frees_to_system(threshold: int = 1 << 20) -> None:
     except (OSError, AttributeError):
         pass
 
+
 def release_freed_memory() -> None:
     """Give memory that Python and glibc's malloc hold but no longer use back to the system.
 

@@ -26,6 +26,7 @@ def require_remote_code_flag(trust_remote_code: bool, record: RunRecord | None, 
             "pass --trust_remote_code if you trust that folder's Python code"
         )
 
+
 @contextlib.contextmanager
 def _damaged_files_named(flag: str, folder: str):
     """A weights or JSON file that cannot be read (truncated, overwritten) is the user's to fix: one line."""
@@ -35,6 +36,7 @@ def _damaged_files_named(flag: str, folder: str):
         yield
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as error:
         raise UserError(f"{flag} {folder}: a file in it cannot be read ({str(error).splitlines()[0]})") from None
+
 
 def load_inference_model(
     model_dir: str | None = None,
@@ -112,6 +114,7 @@ def load_inference_model(
         "merged": merged,
     }
     return model, tokenizer, info
+
 
 def describe_loaded(model_dir: str | None, info: dict) -> str:
     """What `load_inference_model` loaded, in words, from the info it returned."""

@@ -56,6 +56,7 @@ def ensure_default_model() -> Path:
         partial.rename(DEFAULT_MODEL_DIR)
     return DEFAULT_MODEL_DIR
 
+
 def resolve_model_path(name_or_path: str | None, flag: str = "--model_name_or_path") -> str:
     """A local model folder (checked to hold a config and weights), or a hub id left to transformers.
 
@@ -76,6 +77,7 @@ def resolve_model_path(name_or_path: str | None, flag: str = "--model_name_or_pa
         return name_or_path  # a hub id; transformers reports it if it cannot be fetched
     raise UserError(f"{flag} {name_or_path}: no such folder")
 
+
 def quantization_config(bits: int | None, compute_dtype: torch.dtype):
     if bits is None:
         return None
@@ -92,6 +94,7 @@ def quantization_config(bits: int | None, compute_dtype: torch.dtype):
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     raise UserError(f"--quantization_bit must be 4 or 8, got {bits}")
+
 
 def load_model(
     model_path: str,
@@ -136,6 +139,7 @@ def load_model(
         if quantization_bit:
             release_freed_memory()
 
+
 def local_device() -> str:
     """This process's device: its launcher's GPU (LOCAL_RANK) on CUDA, else the CPU."""
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
@@ -155,6 +159,7 @@ def keep_4bit_layers_on_the_plain_path(model) -> None:
     if packing:
         note_once("note: bitsandbytes' packed bf16 path for 4-bit layers on this CPU is off: it is not equal to the "
                   "plain one (bf16 scales and products) and re-quantizes the base whenever its state is read")
+
 
 def _pread_state_dict(model_path: str, stack):
     """Lazy tensors of a local safetensors checkpoint read with `pread`, or None for other checkpoints.
@@ -180,6 +185,7 @@ def _pread_state_dict(model_path: str, stack):
         state_dict.update({key: handle.get_slice(key) for key in handle.keys()})
     return state_dict
 
+
 def _load_quantized_without_mmap(model_path: str, kwargs: dict):
     """from_pretrained over `_pread_state_dict`, for transformers' own architectures; None where it does not apply."""
     import contextlib
@@ -204,6 +210,7 @@ def _load_quantized_without_mmap(model_path: str, kwargs: dict):
     if (Path(model_path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_path)
     return model
+
 
 def _copy_out_of_checkpoint(model) -> None:
     """Give unquantized weights their own memory where they may still view the memory-mapped checkpoint.

@@ -39,6 +39,7 @@ def load_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
+
 def save_base_tokenizer(base: str, destination: Path, trust_remote_code: bool) -> None:
     """The base's tokenizer files into `destination`, byte for byte: re-saving a tokenizer can change it
     (transformers 5 drops settings such as Baichuan2's add_bos_token: false), and an adapter or merged

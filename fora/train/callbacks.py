@@ -15,6 +15,7 @@ class LossPlotCallback(TrainerCallback):
 
     on_train_end = on_save
 
+
 def plot_loss(log_history: list[dict], path: Path) -> None:
     import matplotlib
 

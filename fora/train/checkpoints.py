@@ -164,7 +164,6 @@ PICKLED_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save's files; safetensors an
 DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's checkpoint names the folder of its states here
 
 
-
 def check_checkpoint_holds_only_data(checkpoint: str | Path) -> None:
     """Refuse to resume from a checkpoint whose pickled files hold anything but tensors and plain data.
 
@@ -192,6 +191,7 @@ def check_checkpoint_holds_only_data(checkpoint: str | Path) -> None:
                     "(--trust_checkpoint resumes it anyway: only for a checkpoint you wrote yourself)"
                 ) from None
 
+
 def deepspeed_checkpoint_classes() -> list[type]:
     """The objects DeepSpeed's ZeRO optimizer states pickle besides tensors: its loss scaler, ZeRO stage and
     parameter-fragment addresses (plain attributes only; none defines its own unpickling)."""
@@ -200,6 +200,7 @@ def deepspeed_checkpoint_classes() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
 
 def pickled_files(folder: Path) -> list[Path]:
     """The torch.save files under `folder`, through linked folders too (each real folder once), except the

@@ -15,7 +15,6 @@ from fora.data.encode import IGNORE_INDEX
 LOSS_CHUNK = 2048  # supervised positions per output-layer chunk
 
 
-
 @dataclass(frozen=True)
 class OutputLogits:
     """What a model's forward does to its output layer's result z before the loss:
@@ -24,8 +23,10 @@ class OutputLogits:
     scale: float = 1.0
     softcap: float | None = None
 
+
 def plain_logits(config: PretrainedConfig) -> OutputLogits:
     return OutputLogits()
+
 
 def softcapped_logits(config: PretrainedConfig) -> OutputLogits:
     return OutputLogits(softcap=config.final_logit_softcapping)  # None: the model leaves its logits as they are
@@ -45,6 +46,7 @@ SUPERVISED_LOSS_MODELS: dict[str, Callable[[PretrainedConfig], OutputLogits]] = 
     "cohere2": lambda config: OutputLogits(scale=config.logit_scale),
     "granite": lambda config: OutputLogits(scale=1 / config.logits_scaling),
 }
+
 
 class DecoderOutput:
     """The final hidden states of a model's decoder body (after its final norm: what the output layer reads),
@@ -87,6 +89,7 @@ def supervised_loss_sum(
             selected, head.weight, head.bias, selected_targets, output.scale, output.softcap, torch.is_grad_enabled()
         )
     return total, positions.sum()
+
 
 class HeadCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(logits, targets)) with logits = OutputLogits(scale, softcap) of F.linear(hidden, weight, bias),

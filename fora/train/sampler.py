@@ -40,7 +40,6 @@ class GlobalBatchSampler(Sampler[int]):
         return iter((order * -(-len(self) // self.size))[: len(self)])
 
 
-
 class SamplerEpoch(TrainerCallback):
     """Gives the epoch to the trainer's GlobalBatchSampler when the epoch begins. accelerate passes it on too,
     except through the loader that skips a resumed epoch's first batches under several processes: the sampler

@@ -17,6 +17,7 @@ def find_linear_targets(model: nn.Module) -> list[str]:
     blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=model)
     return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if isinstance(m, nn.Linear)})
 
+
 def adapter_targets(model: nn.Module, lora_target: str | None) -> list[str]:
     available = find_linear_targets(model)
     if not lora_target or lora_target == "all":
@@ -27,6 +28,7 @@ def adapter_targets(model: nn.Module, lora_target: str | None) -> list[str]:
     if missing:
         raise UserError(f"--lora_target {','.join(missing)}: no such linear layer in the model (it has: {', '.join(available)})")
     return wanted
+
 
 def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False):
     """Wrap `model` with a LoRA or FoRA adapter (or leave it whole for full fine-tuning)."""
@@ -66,6 +68,7 @@ def attach_adapter(model, finetuning_args, gradient_checkpointing: bool = False)
     with _peft_reading_deprecated_attribute():
         return get_peft_model(model, config)
 
+
 @contextlib.contextmanager
 def _peft_reading_deprecated_attribute():
     """PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (in favour of
@@ -73,6 +76,7 @@ def _peft_reading_deprecated_attribute():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
 
 @contextlib.contextmanager
 def _held_out(params: list[nn.Parameter]):
@@ -86,10 +90,12 @@ def _held_out(params: list[nn.Parameter]):
         for param, data in saved:
             param.data = data
 
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
 
 def load_adapter(base_model, adapter_dir: str, is_trainable: bool = False, flag: str = "--adapter"):
     """PeftModel for a saved LoRA or FoRA adapter directory; a clear error when it is not one or does not fit.

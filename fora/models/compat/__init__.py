@@ -85,6 +85,7 @@ def auto_map(folder: str) -> dict:
                 pass  # a broken file is reported by transformers when it is read
     return entries
 
+
 def needs_remote_code(folder: str) -> bool:
     """True when transformers can load the folder only by running its own Python files."""
     from transformers import CONFIG_MAPPING
@@ -97,6 +98,7 @@ def needs_remote_code(folder: str) -> bool:
     except json.JSONDecodeError:
         return False
     return model_type not in CONFIG_MAPPING  # transformers loads known architectures natively, code or not
+
 
 def prepare_remote_code(folder: str, trust_remote_code: bool, flag: str = "--model_name_or_path") -> None:
     """Before `from_pretrained(folder, ...)`: a folder that needs its own code is refused without
@@ -117,6 +119,7 @@ def prepare_remote_code(folder: str, trust_remote_code: bool, flag: str = "--mod
                 if name:
                     adapt_class(get_class_from_dynamic_module(name, folder))
 
+
 def adapt_class(cls: type) -> type:
     """Adapt a remote-code tokenizer, config or model class in place (once)."""
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -131,6 +134,7 @@ def adapt_class(cls: type) -> type:
         adapt_model_class(cls)
     setattr(cls, ADAPTED, True)
     return cls
+
 
 def adapt_tokenizer(tokenizer):
     """Per-instance adaptations of a loaded tokenizer; returns it."""

@@ -39,6 +39,7 @@ def adapt_config_class(cls) -> None:
     if "rope_scaling" not in vars(cls):
         cls.rope_scaling = _legacy_rope_scaling()
 
+
 def _legacy_rope_scaling() -> property:
     """`rope_scaling` as 4.x configs held it: None without scaling, else {"type": ..., "factor": ...}.
     transformers 5 makes it an alias of `rope_parameters`, which is never None once standardized
@@ -61,6 +62,7 @@ def _legacy_rope_scaling() -> property:
             self.standardize_rope_params()
 
     return property(get, set)
+
 
 def adapt_model_class(cls) -> None:
     from transformers import GenerationMixin, PreTrainedModel
@@ -91,6 +93,7 @@ def adapt_model_class(cls) -> None:
         if "_update_model_kwargs_for_generation" in vars(cls):
             cls._update_model_kwargs_for_generation = _update_without_empty_inputs(cls._update_model_kwargs_for_generation)
 
+
 def _init_with_real_tensors(init):
     """`__init__` that, under transformers 5's meta-device build, puts only the parameters on the meta device."""
 
@@ -120,6 +123,7 @@ def _init_with_real_tensors(init):
 
     return __init__
 
+
 def _init_with_post_init(init):
     from transformers import PretrainedConfig
 
@@ -147,6 +151,7 @@ def _init_with_post_init(init):
 
     return __init__
 
+
 def _from_pretrained_restoring_buffers(from_pretrained):
     """`from_pretrained` after which every module gets back the non-persistent buffers its `__init__` computed
     (kept by `_init_with_real_tensors`)."""
@@ -167,6 +172,7 @@ def _from_pretrained_restoring_buffers(from_pretrained):
     wrapped._fora_restores = True
     return classmethod(wrapped)
 
+
 def _init_weights_after_reset(init_weights):
     @functools.wraps(init_weights)
     def _init_weights(self, module):
@@ -177,6 +183,7 @@ def _init_weights_after_reset(init_weights):
 
     _init_weights._fora_resets = True
     return _init_weights
+
 
 def _with_its_own_arguments(method):
     """`method` called with only the keyword arguments its signature names (all of them if it takes **kwargs)."""
@@ -190,6 +197,7 @@ def _with_its_own_arguments(method):
 
     wrapped._fora_own_arguments = True
     return wrapped
+
 
 def _parameters_in_build_dtype(model) -> None:
     """Floating parameters built in another dtype than the model's (`config.dtype`) are converted to it;
@@ -208,6 +216,7 @@ def _parameters_in_build_dtype(model) -> None:
             if param.is_floating_point() and param.dtype != dtype:
                 module._parameters[key] = torch.nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
 
+
 def _tied_to_input_embeddings(targets) -> property:
     """`_tied_weights_keys` as transformers 5 reads it, {target: source}, from the 4.x list of targets, whose
     source was the input embeddings (InternLM2 lists "output.weight"); save_pretrained calls `.keys()` on it."""
@@ -218,6 +227,7 @@ def _tied_to_input_embeddings(targets) -> property:
         return {target: source for target in targets} if source else {}
 
     return property(get)
+
 
 def _prepare_legacy_inputs(prepare):
     @functools.wraps(prepare)
@@ -232,6 +242,7 @@ def _prepare_legacy_inputs(prepare):
 
     return prepare_inputs_for_generation
 
+
 def _update_without_empty_inputs(update):
     @functools.wraps(update)
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
@@ -245,6 +256,7 @@ def _update_without_empty_inputs(update):
         return model_kwargs
 
     return _update_model_kwargs_for_generation
+
 
 def _extract_past_from_model_output(self, outputs, standardize_cache_format: bool = False):
     """The cache of a model output (removed from transformers, called by ChatGLM's generation override)."""

@@ -17,6 +17,7 @@ def adapt_tokenizer_class(cls) -> None:
     if issubclass(cls, PreTrainedTokenizerFast) and "__init__" in cls.__dict__:
         cls.convert_to_native_format = classmethod(_native_from_sentencepiece(cls.convert_to_native_format.__func__))
 
+
 def _native_from_sentencepiece(convert):
     """`convert_to_native_format` for a remote fast tokenizer with its own `__init__`, as transformers treats a
     class without one: a tokenizer.json goes to `__init__` whole (transformers means to do so for remote code,
@@ -36,6 +37,7 @@ def _native_from_sentencepiece(convert):
 
     return convert_to_native_format
 
+
 def _tokenizer_from_sentencepiece(path: str, added_tokens_decoder: dict):
     """A `tokenizers.Tokenizer` encoding like the SentencePiece model at `path`, its pieces renamed as
     tokenizer_config.json's added_tokens_decoder names them (InternLM2's chat tokens)."""
@@ -49,6 +51,7 @@ def _tokenizer_from_sentencepiece(path: str, added_tokens_decoder: dict):
     else:
         vocab = {piece: index for index, piece in enumerate(pieces)}
     return SpmConverter.build_tokenizer_from_spm_proto(proto=proto, vocab=vocab)
+
 
 def _sentencepiece_proto(path: str):
     """The parsed SentencePiece model. transformers reads it with sentencepiece's own protobuf module first,
@@ -65,6 +68,7 @@ def _sentencepiece_proto(path: str):
         proto = sentencepiece_model_pb2_new.ModelProto()
     proto.ParseFromString(data)
     return proto
+
 
 def _pad_with_side(pad, own_side: str | None):
     """`pad` taking `padding_side`. `own_side` is the side the class pads by default (ChatGLM's `_pad`
@@ -87,6 +91,7 @@ def _pad_with_side(pad, own_side: str | None):
 
     return _pad
 
+
 def _vocab_during_init(get_vocab):
     @functools.wraps(get_vocab)
     def wrapped(self):
@@ -101,6 +106,7 @@ def _vocab_during_init(get_vocab):
             return dict(self.__dict__.get("_added_tokens_encoder", {}))
 
     return wrapped
+
 
 def _init_registering_special_tokens(init):
     @functools.wraps(init)
