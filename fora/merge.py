@@ -33,6 +33,7 @@ from fora.tuners.attach import load_adapter
 
 MODEL_MARKERS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "adapter_config.json")
 MERGE_FILE = "fora_merge.json"  # where the merged model came from
+PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")  # PEFT types that add no weight
 
 
 def check_adapter_dir(adapter: str) -> Path:
@@ -44,7 +45,10 @@ def check_adapter_dir(adapter: str) -> Path:
     if not (path / "adapter_config.json").is_file():
         hint = " (it is a full model; there is nothing to merge)" if (path / "config.json").is_file() else ""
         raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json){hint}")
-    read_json(path / "adapter_config.json", "--adapter")
+    config = read_json(path / "adapter_config.json", "--adapter")
+    if config.get("peft_type") in PROMPT_LEARNING:
+        raise UserError(f"--adapter {adapter}: a {config['peft_type'].lower().replace('_', ' ')} adapter holds virtual tokens, "
+                        "no weights to merge; predict_fora.py and the chat load the adapter as it is")
     if not any(path.glob("adapter_model.*")):
         raise UserError(f"--adapter {adapter}: the folder has no adapter weights (adapter_model.safetensors)")
     return path
@@ -132,7 +136,8 @@ def merge(args, log=print) -> Path:
         log(f"The adapter was trained on a {bits}-bit base: merging into the original weights (--merge_into original)")
 
     peft_model = load_adapter(model, str(adapter), flag="--adapter")
-    kind = "FoRA" if getattr(peft_model.peft_config["default"], "use_fora", False) else "LoRA"
+    config = peft_model.peft_config["default"]
+    kind = "fora" if getattr(config, "use_fora", False) else record.finetuning_type if record else config.peft_type.value.lower()
     merged = peft_model.merge_and_unload(safe_merge=True)
     out_dtype = merged_dtype(args.dtype, base)
     merged = merged.to(out_dtype)
@@ -150,7 +155,7 @@ def merge(args, log=print) -> Path:
         provenance = {
             "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
             "adapter": str(adapter.resolve()),
-            "finetuning_type": kind.lower(),
+            "finetuning_type": kind,
             "merge_into": args.merge_into if bits else "original",
             "quantization_bit": bits,
             "dtype": str(out_dtype).removeprefix("torch."),

@@ -7,8 +7,8 @@ federated rounds load it, so they need only the adapter folder to load the base 
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
 
+from fora.args.method import FinetuningType
 from fora.errors import UserError
 from fora.io import read_json, write_json
 from fora.precision import DTYPE_NAMES, DtypeName
@@ -19,7 +19,7 @@ RUN_FILE = "fora_run.json"
 @dataclass
 class RunRecord:
     base_model: str  # the base's folder (absolute) or hub id
-    finetuning_type: Literal["lora", "fora", "full"]
+    finetuning_type: FinetuningType
     torch_dtype: DtypeName  # what the base was loaded in (the compute dtype under a 4/8-bit base)
     quantization_bit: int | None = None
     trust_remote_code: bool = False  # recorded only: loading remote code again needs the user's flag

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import set_seed
 
 from fora.args import DataArguments, FederatedArguments, FinetuningArguments, ModelArguments, TrainArguments, parse_args
@@ -19,6 +19,7 @@ from fora.models.load import load_model, resolve_model_path
 from fora.models.tokenizer import load_tokenizer
 from fora.precision import keep_trainable_in_float32
 from fora.tuners.attach import attach_adapter
+from fora.tuners.methods import check_method, method_config
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"  # the keys of a Flower message's records
 
@@ -56,8 +57,8 @@ def parse(argv: list[str] | None) -> FederatedRun:
     model_args, data_args, finetuning_args, training_args, federated_args = parse_args(
         (ModelArguments, DataArguments, FinetuningArguments, TrainArguments, FederatedArguments), argv
     )
-    if finetuning_args.finetuning_type == "full":
-        raise UserError("--finetuning_type full: federated training sends adapters only; choose lora or fora")
+    check_method(finetuning_args, model_args.quantization_bit, training_args.gradient_checkpointing, bool(training_args.deepspeed),
+                 federated=True)
     if training_args.lr_scheduler_type == "reduce_lr_on_plateau":
         raise UserError("--lr_scheduler_type reduce_lr_on_plateau: clients do not evaluate while they train; choose a fixed schedule")
     return FederatedRun(model_args, data_args, finetuning_args, training_args, federated_args, training_args.precision.torch_dtype)
@@ -74,16 +75,27 @@ def argv_from_run_config(run_config: dict) -> list[str]:
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (PEFT's names, as in adapter_model.safetensors), detached CPU copies."""
-    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+    """What trains, as detached CPU copies: a PEFT adapter's tensors (PEFT's names, as in adapter_model.safetensors),
+    or the base's own weights that train (freeze, ChatGLM's own prefix) by their names in the model."""
+    if isinstance(model, PeftModel):
+        tensors = get_peft_model_state_dict(model)
+    else:
+        tensors = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
 
 
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Put adapter tensors (from `adapter_state`, here or at another site) into `model`'s adapter."""
+    """Put trained tensors (from `adapter_state`, here or at another site) into `model`."""
     expected = set(adapter_state(model))
     if set(state) != expected:
         raise ValueError(f"the adapter received does not fit this model: {len(set(state) ^ expected)} tensor names differ")
-    set_peft_model_state_dict(model, state)
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, state)
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def load_adapted_model(run: FederatedRun, model_path: str | None):
@@ -94,7 +106,8 @@ def load_adapted_model(run: FederatedRun, model_path: str | None):
     tokenizer = load_tokenizer(path, run.model.trust_remote_code)
     template = get_template(tokenizer, run.data.template)
     model = load_model(
-        path, run.dtype, run.model.trust_remote_code, run.model.quantization_bit, unmap_freed_memory=run.model.unmap_freed_memory
+        path, run.dtype, run.model.trust_remote_code, run.model.quantization_bit, unmap_freed_memory=run.model.unmap_freed_memory,
+        config_overrides=method_config(run.finetuning, path, run.model.trust_remote_code),
     )
     set_seed(run.training.seed)
     model = attach_adapter(model, run.finetuning, run.training.gradient_checkpointing)

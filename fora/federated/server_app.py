@@ -32,6 +32,7 @@ from fora.io import STAGING_PREFIX, write_json
 from fora.models.tokenizer import save_base_tokenizer
 from fora.run import RunRecord
 from fora.train.trainer import SupervisedTrainer
+from fora.tuners.attach import save_trained
 
 
 class GlobalAdapter:
@@ -58,7 +59,7 @@ class GlobalAdapter:
         load_adapter_state(self.model, state)
         staging = folder / f"{STAGING_PREFIX}adapter"
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed midway
-        self.model.save_pretrained(str(staging))
+        save_trained(self.model, staging)
         save_base_tokenizer(self.model_path, staging, self.run.model.trust_remote_code)
         self.run_record(server_round).save(staging)
         for path in staging.iterdir():

@@ -132,6 +132,7 @@ class ChatModel:
             self.tokenizer, self.template.stop_token_ids(self.tokenizer), settings.temperature > 0,
             temperature=settings.temperature, top_p=settings.top_p,
         )
+        config = generate.decodable_only(config, self.model, self.tokenizer)
         config.max_new_tokens = budget
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()

@@ -123,7 +123,7 @@ def generate_ids(
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
-    config = config or generation_config(tokenizer, stop_ids)
+    config = decodable_only(config or generation_config(tokenizer, stop_ids), model, tokenizer)
     stop = set(stop_ids)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: equal lengths keep input order
     device = next(model.parameters()).device
@@ -191,6 +191,19 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def decodable_only(config: GenerationConfig, model, tokenizer) -> GenerationConfig:
+    """`config`, never choosing an id the tokenizer has no text for: many models pad their output vocabulary past
+    the tokenizer's (ChatGLM2: 65024 rows for 64794 ids), and decoding such an id fails."""
+    head, config_of = model.get_output_embeddings(), model.config
+    # ChatGLM keeps its head out of sight of get_output_embeddings; its config names the padded width.
+    outputs = head.weight.shape[0] if head is not None else getattr(config_of, "padded_vocab_size", None) or config_of.vocab_size
+    if outputs <= len(tokenizer):
+        return config
+    config = copy.deepcopy(config)
+    config.suppress_tokens = list(range(len(tokenizer), outputs))
+    return config
+
+
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -217,7 +230,10 @@ PREFILL_TOKENS = 4096
 
 def takes_reserved_cache(model) -> bool:
     """Native transformers models whose layers all attend to the full context (no sliding window)
-    accept a cache built outside `generate`; remote code keeps its own cache format."""
+    accept a cache built outside `generate`; remote code keeps its own cache format, and prefix and prompt
+    tuning put virtual tokens in the cache or the input (PEFT's own generate)."""
+    if hasattr(model, "active_peft_config") and model.active_peft_config.is_prompt_learning:
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.is_custom_code():  # checked first: a remote config may not describe its layers the way DynamicCache reads them
         return False

@@ -102,7 +102,8 @@ def load_inference_model(
     if adapter:
         with _damaged_files_named("--model_dir", adapter):
             model = load_adapter(model, adapter, flag="--model_dir")
-        if merge and not quantization_bit and dtype_name == "float32":
+        mergeable = not model.active_peft_config.is_prompt_learning  # virtual tokens are no weights
+        if merge and mergeable and not quantization_bit and dtype_name == "float32":
             model, merged = model.merge_and_unload(), True  # W + dW once: same outputs up to rounding, no adapter work per token
     model.eval()
     info = {
@@ -120,7 +121,7 @@ def describe_loaded(model_dir: str | None, info: dict) -> str:
     """What `load_inference_model` loaded, in words, from the info it returned."""
     bits = f", {info['quantization_bit']}-bit" if info["quantization_bit"] else ""
     if info["model_kind"] == "adapter":
-        kind = {"lora": "LoRA", "fora": "FoRA"}.get(info.get("finetuning_type"), "LoRA")
+        kind = info.get("finetuning_type") or "PEFT"
         merged = "merged into the base" if info["merged"] else "kept separate from the base, as in training"
         what = f"{kind} adapter {model_dir} ({merged}) on {info['base_model']}{bits}"
     elif info["model_kind"] == "model":

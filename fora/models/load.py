@@ -104,11 +104,13 @@ def load_model(
     flag: str = "--model_name_or_path",
     unmap_freed_memory: bool = True,
     on_device: bool = False,
+    config_overrides: dict | None = None,
 ):
     """The base model in `dtype`, or quantized to 4-bit NF4 / 8-bit with `dtype` as compute dtype.
 
     A quantized model, and with `on_device` any model (prediction, chat), loads straight onto this process's
-    device (`local_device`); otherwise on the CPU, for the Trainer to place.
+    device (`local_device`); otherwise on the CPU, for the Trainer to place. `config_overrides` are config
+    values the model is built with (a method's, see tuners.methods.method_config).
 
     A quantized base on CPU is read with `pread` instead of memory-mapping its safetensors files
     (see `_pread_state_dict`), and the memory freed by quantizing is handed back to the system;
@@ -116,7 +118,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **(config_overrides or {}))
     compat.prepare_remote_code(model_path, trust_remote_code, flag)
     if quantization_bit:
         kwargs["quantization_config"] = quantization_config(quantization_bit, dtype)
@@ -138,6 +140,14 @@ def load_model(
     finally:
         if quantization_bit:
             release_freed_memory()
+
+
+def load_config(model_path: str, trust_remote_code: bool):
+    """The model folder's config, its remote code adapted first (or refused without the flag)."""
+    from transformers import AutoConfig
+
+    compat.prepare_remote_code(model_path, trust_remote_code)
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 def local_device() -> str:

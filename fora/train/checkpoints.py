@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from fora.errors import UserError
 from fora.io import STAGING_PREFIX
+from fora.tuners.attach import save_trained
 
 CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
@@ -30,6 +31,7 @@ class StagedCheckpoints(Trainer):
     resumed_from: str | None = None  # the checkpoint this run started from; --save_total_limit keeps it
     staging_dir: str | None = None  # while set, the Trainer takes it for the run folder and writes the checkpoint in it
     run_record = None  # a fora.run.RunRecord, written into every checkpoint so each one describes itself
+    initial_adapter: str | None = None  # PiSSA/OLoRA: what saves convert against (tuners.attach.save_trained)
 
     def refuse_to_save(self) -> None:
         """Called before anything of a save is written; raises to stop it (see SupervisedTrainer)."""
@@ -127,15 +129,19 @@ class StagedCheckpoints(Trainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _write_model(self, output_dir: str) -> None:
-        """The model's files (weights or adapter, tokenizer, training arguments) into `output_dir`. Under DeepSpeed
-        ZeRO-1/2 every rank holds the whole model, and the Trainer's own path first copies its whole state dict,
-        frozen base included, into host memory on every rank (accelerate's get_state_dict); here the saving rank
-        has the model write itself, which for an adapter means its trainable tensors only, as without DeepSpeed."""
-        if self.is_deepspeed_enabled and not is_deepspeed_zero3_enabled():
-            if self.args.should_save:
-                self._save(output_dir)
-            return
-        super().save_model(output_dir, _internal_call=True)
+        """The model's files (adapter or weights, tokenizer, training arguments) into `output_dir`, written by the
+        saving rank. Under DeepSpeed ZeRO-1/2 every rank holds the whole model, and the Trainer's own path would
+        first copy its whole state dict, frozen base included, into host memory on every rank (accelerate's
+        get_state_dict); here the model writes itself, an adapter its trainable tensors only. ZeRO-3 shards the
+        parameters: the Trainer gathers them."""
+        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+            return super().save_model(output_dir, _internal_call=True)
+        if self.args.should_save:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_trained(self.accelerator.unwrap_model(self.model), output_dir, self.initial_adapter)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _clear_before_writing(self, staging: str | Path) -> None:
         """Remove what a save killed midway left in `staging`, before any rank writes there."""

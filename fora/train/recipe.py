@@ -4,6 +4,7 @@
     → train (SupervisedTrainer) → save the adapter, the run record, the results and the loss curve
 """
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,8 @@ from fora.run import RunRecord
 from fora.train.callbacks import LossPlotCallback, plot_loss
 from fora.train.checkpoints import last_checkpoint
 from fora.train.trainer import SupervisedTrainer
-from fora.tuners.attach import attach_adapter, count_parameters
+from fora.tuners.attach import INITIAL_ADAPTER, attach_adapter, count_parameters, keep_initial_adapter
+from fora.tuners.methods import check_method, method_config
 
 PREVIOUS_RUN_MARKERS = ("adapter_config.json", "fora_run.json", "train_results.json", "config.json", "checkpoint-*")
 # What --overwrite_output_dir removes before training: the previous run's checkpoints (which resume auto or
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     )
     if model_args.quantization_bit is None:
         model_args.quantization_bit = default_quantization_bit
+    check_method(finetuning_args, model_args.quantization_bit, training_args.gradient_checkpointing, bool(training_args.deepspeed))
     training_args.precision.report()
     dtype = training_args.precision.torch_dtype
 
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
     elif resume and not Path(resume, TRAINER_STATE_NAME).is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: an incomplete checkpoint (no {TRAINER_STATE_NAME})")
+    if resume and finetuning_args.init_lora_weights in ("pissa", "olora"):
+        raise UserError(f"--resume_from_checkpoint with --init_lora_weights {finetuning_args.init_lora_weights}: its "
+                        "checkpoints hold the adapter converted for prediction, which training cannot continue from")
     if resume:
         log(f"Resuming from {resume}")
     previous = refuse_earlier_output(output_dir, PREVIOUS_RUN_MARKERS, training_args.overwrite_output_dir or bool(resume),
@@ -90,12 +96,19 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     model = load_model(
         model_path, dtype, model_args.trust_remote_code, model_args.quantization_bit,
         unmap_freed_memory=model_args.unmap_freed_memory,
+        config_overrides=method_config(finetuning_args, model_path, model_args.trust_remote_code),
     )
     if model_args.quantization_bit:
         log(f"Base model loaded in {model_args.quantization_bit}-bit "
             f"({'NF4, double quantization' if model_args.quantization_bit == 4 else 'LLM.int8'}), compute dtype {dtype}")
     set_seed(training_args.seed)
-    model = attach_adapter(model, finetuning_args, training_args.gradient_checkpointing)
+    model = attach_adapter(model, finetuning_args, training_args.gradient_checkpointing, planned_steps(len(train_dataset), training_args))
+    initial_adapter = None
+    if finetuning_args.init_lora_weights in ("pissa", "olora"):
+        initial_adapter = str(output_dir / INITIAL_ADAPTER)
+        with training_args.main_process_first(desc="saving the initial adapter", local=False):
+            if is_main:
+                keep_initial_adapter(model, Path(initial_adapter))
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if keep_trainable_in_float32(model, training_args.precision, bool(training_args.deepspeed)):
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         processing_class=tokenizer,
         callbacks=[LossPlotCallback()],
         run_record=record,
+        loraplus_lr_ratio=finetuning_args.loraplus_lr_ratio,
+        initial_adapter=initial_adapter,
     )
     result = trainer.train(resume_from_checkpoint=resume or None)
 
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         }
         write_json(output_dir / "train_results.json", results)
         plot_loss(trainer.state.log_history, output_dir / "training_loss.png")
-        log(f"Adapter saved to {output_dir}" if finetuning_args.finetuning_type != "full" else f"Model saved to {output_dir}")
+        log(f"{'Adapter' if (output_dir / 'adapter_config.json').is_file() else 'Model'} saved to {output_dir}")
         log(f"Padding: {100 * results['pad_fraction']:.1f}% of the training batches' tokens")
         log(f"Loss curve: {output_dir / 'training_loss.png'}; TensorBoard logs: {training_args.logging_dir}")
 
@@ -185,3 +200,12 @@ def size_zero_buckets(config: dict, model) -> None:
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if zero.get(key) == "auto":
             zero[key] = size
+
+
+def planned_steps(records: int, training_args) -> int:
+    """The optimizer steps the run will take: --max_steps, else the epochs over global batches (as the Trainer
+    counts them, a short last batch included)."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    global_batch = training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    return math.ceil(training_args.num_train_epochs * math.ceil(records / global_batch))

@@ -1,19 +1,21 @@
 """The Trainer subclass: HF's Trainer with the supervised-position loss (fora.train.loss), global batches
 that do not depend on the number of processes (fora.train.sampler), staged checkpoints (fora.train.checkpoints),
-and a stop at the first step whose loss is NaN or infinite."""
+a stop at the first step whose loss is NaN or infinite, and what some methods add to a step: LoRA+'s two
+learning rates, AdaLoRA's rank allocation."""
 
 import inspect
 import logging
 
 import torch
 from torch import nn
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from fora.errors import UserError
 from fora.run import RunRecord
 from fora.train.checkpoints import StagedCheckpoints, last_checkpoint
 from fora.train.loss import SUPERVISED_LOSS_MODELS, DecoderOutput, supervised_loss_sum
 from fora.train.sampler import GlobalBatchSampler, SamplerEpoch
+from fora.tuners.methods import METHODS
 
 NO_BAD_STEP = torch.iinfo(torch.int64).max
 logger = logging.getLogger(__name__)
@@ -25,8 +27,9 @@ class SupervisedTrainer(StagedCheckpoints):
     Models on the proven list (SUPERVISED_LOSS_MODELS, transformers-native: their forward takes
     `logits_to_keep`) return the final hidden states and no logits; the output layer and what the
     model's forward does after it (OutputLogits) then run on the supervised positions only. Other
-    models, and output layers that are not a plain nn.Linear (adapted, quantized or wrapped by
-    modules_to_save), get their full logits reduced the same way.
+    models, output layers that are not a plain nn.Linear (adapted, quantized or wrapped by
+    modules_to_save) and methods not proven for it (METHODS' `loss`: prefix and prompt tuning) get their
+    full logits reduced the same way; AdaLoRA takes the model's own loss, to which it adds its regulariser.
 
     Batches come right-padded (PaddingCollator). A causal model's real tokens never attend to the
     padding after them, so models on the proven list get no padding mask: their attention takes its
@@ -35,28 +38,38 @@ class SupervisedTrainer(StagedCheckpoints):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
 
-    def __init__(self, *args, run_record: RunRecord | None = None, **kwargs):
+    def __init__(self, *args, run_record: RunRecord | None = None, loraplus_lr_ratio: float | None = None,
+                 initial_adapter: str | None = None, **kwargs):
         self.run_record = run_record
+        self.method = run_record.finetuning_type if run_record else "lora"
+        self.loraplus_lr_ratio, self.initial_adapter = loraplus_lr_ratio, initial_adapter
         super().__init__(*args, **kwargs)
         self.add_callback(SamplerEpoch(self))
+        if self.method == "adalora":
+            self.add_callback(AdaLoraBudget(self))
         # Let the Trainer count supervised tokens over the accumulated batch (and across ranks).
         self.model_accepts_loss_kwargs = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         model_type = base.config.model_type
+        self.native = not base.is_custom_code()  # takes the Trainer's loss arguments (num_items_in_batch)
         # Remote code may carry a listed model_type, and may read the mask for more than attention.
         proven = model_type in SUPERVISED_LOSS_MODELS and "logits_to_keep" in inspect.signature(base.forward).parameters
         plain_head = type(base.get_output_embeddings()) is nn.Linear
         requested = getattr(self.args, "supervised_logits", True)
-        self.head_on_selected = proven and plain_head and requested
+        method_loss = METHODS[self.method].loss
+        self.loss_path = method_loss if method_loss != "supervised" else "supervised" if proven and plain_head and requested else "logits"
+        self.head_on_selected = self.loss_path == "supervised"
         self.output_logits = SUPERVISED_LOSS_MODELS[model_type](base.config) if self.head_on_selected else None
         self.decoder_output = DecoderOutput(base.get_decoder()) if self.head_on_selected else None
-        self.drop_padding_mask = proven
-        if requested and not proven and self.is_world_process_zero():
-            logger.warning(
-                f"--supervised_logits: model_type {model_type!r} is not on the list of architectures whose "
-                "supervised-position loss is proven equal to the model's own (SUPERVISED_LOSS_MODELS in "
-                "fora/train/loss.py); training computes full logits with the padding mask instead (exact, slower)"
+        self.drop_padding_mask = proven and method_loss == "supervised"
+        if requested and self.loss_path != "supervised" and self.is_world_process_zero():
+            reason = (
+                f"model_type {model_type!r} is not on the list of architectures whose supervised-position loss is "
+                "proven equal to the model's own (SUPERVISED_LOSS_MODELS in fora/train/loss.py)"
+                if method_loss == "supervised" else f"--finetuning_type {self.method}'s loss is not proven for it"
             )
+            how = "PEFT's forward and the model's own loss" if self.loss_path == "model" else "full logits with the padding mask"
+            logger.warning(f"--supervised_logits: {reason}; training computes {how} instead (exact, slower)")
         # Tokens in the training batches this process built, and how many were real (not padding);
         # the real count stays a tensor on the device so counting never waits for the accelerator.
         self.batch_tokens, self.real_tokens = 0, 0
@@ -69,6 +82,8 @@ class SupervisedTrainer(StagedCheckpoints):
         model_inputs = {"input_ids": inputs["input_ids"]}
         if not self.drop_padding_mask:
             model_inputs["attention_mask"] = inputs["attention_mask"]
+        if self.loss_path == "model":
+            return self.model_loss(model, model_inputs, labels, return_outputs, num_items_in_batch)
         if self.head_on_selected:
             # No logits at all (an empty index, not 1: the last position is a strided slice, which the head
             # multiplies through a batched matmul over a copy of its weight per row, a slow path in bf16).
@@ -78,7 +93,8 @@ class SupervisedTrainer(StagedCheckpoints):
             loss_sum, count = supervised_loss_sum(self.decoder_output.take(), labels, head, self.output_logits)
         else:
             outputs = model(**model_inputs, use_cache=False)
-            loss_sum, count = supervised_loss_sum(outputs.logits, labels, None)
+            # Prompt tuning puts its virtual tokens' logits first: the input's own are the last ones.
+            loss_sum, count = supervised_loss_sum(outputs.logits[:, -labels.shape[1]:], labels, None)
         if num_items_in_batch is None:  # evaluation: mean over this batch
             loss = loss_sum / count.clamp(min=1)
         else:
@@ -86,6 +102,31 @@ class SupervisedTrainer(StagedCheckpoints):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # ranks' gradients are averaged; undo that for a token mean
         return (loss, outputs) if return_outputs else loss
+
+    def model_loss(self, model, model_inputs, labels, return_outputs, num_items_in_batch):
+        """The model's own loss from `labels` (AdaLoRA's, with its regulariser), over the accumulated batch: a native
+        model divides by `num_items_in_batch`; remote code takes its mean, averaged over the accumulation steps."""
+        given = {"num_items_in_batch": num_items_in_batch} if self.native and num_items_in_batch is not None else {}
+        outputs = model(**model_inputs, labels=labels, use_cache=False, **given)
+        loss = outputs.loss
+        if given and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.args.world_size
+        elif num_items_in_batch is not None and not given:
+            loss = loss / self.args.gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        """LoRA+ (--loraplus_lr_ratio): PEFT's optimizer with B's learning rate that many times A's."""
+        if self.optimizer is None and self.loraplus_lr_ratio:
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = create_loraplus_optimizer(
+                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=self.args.weight_decay, **kwargs,
+            )
+        return super().create_optimizer(model)
 
     def trained_tokens(self) -> tuple[int, int]:
         """Real (not padding) and all tokens of this run's training batches, summed over the ranks.
@@ -174,3 +215,15 @@ class SupervisedTrainer(StagedCheckpoints):
                 f"step or any later one ({f'last checkpoint: {kept}' if kept else 'no checkpoint was saved'}). "
                 "Usual causes: too high a --learning_rate, or fp16 overflow"
             )
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA's rank allocation after every optimizer step, while the gradients it scores are still there
+    (PEFT's update_and_allocate, called where its documentation places it)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        model.base_model.update_and_allocate(state.global_step)

@@ -56,7 +56,8 @@ Model classes
   passes for the whole sequence so far: 4.x passed none to a model's own `prepare_inputs_for_generation`,
   which derives its own (Baichuan-7B, Baichuan2-7B and InternLM2 would use them unsliced); left out.
 - legacy tuple caches (`past_key_values` in `forward`): `generate` keeps no Cache object of its own
-  for them and passes the model's tuples back under the old name; the removed
+  for them and passes the model's tuples back under the old name; a Cache object given anyway (PEFT's
+  prefix tuning passes its prefixes as one) reaches the 4.x code as tuples; the removed
   `_extract_past_from_model_output` is offered to the model's own `_update_model_kwargs_for_generation`,
   which is kept from extending an absent mask and whose cache goes back where beam search reorders it.
 A model's positions are left to it: left padding shifts a row's rotary positions by a constant,

@@ -87,6 +87,7 @@ def adapt_model_class(cls) -> None:
         cls.__bases__ = (*cls.__bases__, GenerationMixin)  # PreTrainedModel brought `generate` until 4.50
     if "past_key_values" in inspect.signature(cls.forward).parameters:
         cls._supports_default_dynamic_cache = classmethod(lambda klass: False)
+        cls.forward = _forward_taking_caches_as_tuples(cls.forward)
         cls.prepare_inputs_for_generation = _prepare_legacy_inputs(cls.prepare_inputs_for_generation)
         if not hasattr(cls, "_extract_past_from_model_output"):
             cls._extract_past_from_model_output = _extract_past_from_model_output
@@ -241,6 +242,21 @@ def _prepare_legacy_inputs(prepare):
         return prepare(self, input_ids, *args, **kwargs)
 
     return prepare_inputs_for_generation
+
+
+def _forward_taking_caches_as_tuples(forward):
+    """`forward` given a Cache object as `past_key_values` (PEFT's prefix tuning passes its prefixes so) reads it
+    as the tuple of (key, value) per layer the 4.x code indexes."""
+    from transformers.cache_utils import Cache
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, Cache):
+            kwargs["past_key_values"] = tuple((layer.keys, layer.values) for layer in cache.layers) if cache.get_seq_length() else None
+        return forward(self, *args, **kwargs)
+
+    return wrapped
 
 
 def _update_without_empty_inputs(update):
