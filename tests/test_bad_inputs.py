@@ -8,7 +8,7 @@ where something was saved before, that it is unchanged. A few cases run as real 
 prove the same end to end. The inputs the catalogue accepts on purpose (a UTF-8 BOM, a null input,
 a test set without references) are here too, and must succeed.
 
-The data checks themselves are unit-tested in test_data.py; this file is about what a user sees.
+The data checks themselves are unit-tested in tests/data/; this file is about what a user sees.
 """
 
 import ast
@@ -18,13 +18,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 
 from fora import merge as merge_lora
 from fora.args import MergeArguments, ModelArguments, PredictArguments, parse_args
 from fora.errors import exit_on_user_error
 from fora.infer import predict as predict_fora
 from fora.train import recipe as train_lora
+from support import ONE_THREAD, REPO, run_script, write_jsonl
 
 ALPACA = {"instruction": "Extract the triples.", "input": "The pump leaks.", "output": "pump_部件故障_leaks"}
 # A JSON array whose line 3 lacks a comma.

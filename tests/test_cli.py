@@ -1,15 +1,18 @@
-"""The training command lines users run, through the real launchers, on a tiny model."""
+"""The command lines users run (fora/cli.py behind the root scripts), through the real launchers, on a tiny model."""
 
 import json
 import shutil
 import socket
+import sys
 
 import pytest
 import torch
-from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 from safetensors.torch import load_file
 
-PYTHON = shutil.which("python") or "python"
+from fora.cli import PAGED_OPTIMIZER, with_paged_optimizer
+from fora.errors import UserError
+from fora.precision import cpu_has_bf16
+from support import ONE_THREAD, PYTHON, REPO, run_script, train_script, write_jsonl
 
 
 def train(tmp_path, model, *extra, output="out"):
@@ -31,6 +34,82 @@ def first_records(path, count):
 
 def adapter_weights(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_paged_optimizer_only_on_cuda(tmp_path):
+    assert with_paged_optimizer(["--lora_rank", "2"], cuda=False) == ["--lora_rank", "2"]
+    assert with_paged_optimizer(["--lora_rank", "2"], cuda=True)[-2:] == ["--optim", PAGED_OPTIMIZER]
+    assert with_paged_optimizer(["--optim", "adamw_torch"], cuda=True) == ["--optim", "adamw_torch"]
+    args = tmp_path / "args.yaml"
+    args.write_text("optim: adafactor\n")
+    assert with_paged_optimizer([str(args)], cuda=True) == [str(args)]
+
+
+def spo_subset(tmp_path, records: int):
+    """The first records of the project's own sample data (the seed's spo_0.json has the same fields)."""
+    lines = (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines()[:records]
+    path = tmp_path / "spo_0.json"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_train_qlora_two_steps(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_script(
+        sys.executable, str(REPO / "train_qlora.py"), "--train_file", str(spo_subset(tmp_path, 8)),
+        "--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--prompt_column", "input",
+        "--response_column", "output", "--max_steps", "2", "--per_device_train_batch_size", "1",
+        "--max_source_length", "128", "--max_target_length", "64", "--lora_rank", "2", "--logging_steps", "1",
+        "--finetuning_type", "fora", "--report_to", "none", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    compute = "bfloat16" if cpu_has_bf16() else "float32"  # no precision flag: the machine's native one
+    assert f"Base model loaded in 4-bit (NF4, double quantization), compute dtype torch.{compute}" in result.stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    run_info = json.loads((out / "fora_run.json").read_text())
+    assert run_info["quantization_bit"] == 4 and run_info["finetuning_type"] == "fora"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
+
+
+def test_seed_deepspeed_command(tiny_model, tmp_path):
+    """The seed's command as written (ZeRO-2 over 2 processes, here on CPU); only the paths differ.
+
+    The first 40 records of spo_0 (`head -40`): 20 optimizer steps (4 epochs x 20 records per rank / 4 accumulated).
+    """
+    (tmp_path / "ds_config.json").write_text((REPO / "ds_config.json").read_text())
+    spo_subset(tmp_path, 40)
+    out = tmp_path / "out"
+    command = (
+        f"deepspeed --num_gpus 2 {REPO / 'train_qlora.py'} --train_file spo_0.json --model_name_or_path {tiny_model} "
+        f"--output_dir {out} --prompt_column input --response_column output --cache_dir goat_cache --overwrite_cache "
+        "--overwrite_output_dir --max_source_length 512 --max_target_length 512 --num_train_epochs 4 "
+        "--gradient_accumulation_steps 4 --per_device_train_batch_size 1 --warmup_ratio 0.1 --lr_scheduler_type cosine "
+        "--save_total_limit 1 --learning_rate 2e-5 --logging_steps 50 --save_steps 500 --lora_rank 2 --fp16 "
+        "--torch_dtype float16 --preprocessing_num_workers 2 --deepspeed ds_config.json"
+    )
+    deepspeed = REPO / ".venv" / "bin" / "deepspeed"
+    command = command.replace("deepspeed ", f"{deepspeed if deepspeed.exists() else 'deepspeed'} ", 1)
+    result = run_script("bash", "-c", command, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert result.stdout.count("Base model loaded in 4-bit (NF4, double quantization)") == 1  # rank 0 logs
+    assert json.loads((out / "fora_run.json").read_text())["quantization_bit"] == 4
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 20
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # trained away from B = 0
+
+
+def test_train_and_predict_print_no_deprecation_warning(tmp_path, tiny_model):
+    out, trained = train_script(tmp_path, tiny_model, "run", "--max_steps", "1", "--save_strategy", "no")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    predicted = run_script(sys.executable, "predict_fora.py", "--model_dir", str(out), "--test_path", "data/test.json",
+                           "--max_samples", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "pred"),
+                           env=ONE_THREAD)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    for result in (trained, predicted):
+        assert "deprecated" not in result.stderr and "FutureWarning" not in result.stderr, result.stderr[-3000:]
 
 
 def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, tiny_model):
@@ -194,6 +273,8 @@ SPLITS = {  # the same global batch of 4 records, split differently
     "deepspeed": ["deepspeed", "--num_gpus", "2", "train_lora.py", "--per_device_train_batch_size", "2",
                   "--deepspeed", "ds_config.json"],
 }
+
+
 SPLIT_STEPS = 16  # 30 records = 7 whole global batches and a short one per epoch, 2 epochs
 
 
@@ -287,7 +368,6 @@ RESUME_READS = {  # every pickled file a resume of a split's checkpoint-12 reads
 
 @pytest.mark.parametrize("split", RESUME_READS)
 def test_a_payload_in_any_file_a_resume_reads_is_refused_before_it_loads(tmp_path, split_runs, split):
-    from fora.errors import UserError
     from fora.train.checkpoints import check_checkpoint_holds_only_data
 
     honest = split_runs(split)[0] / "checkpoint-12"

@@ -1,11 +1,10 @@
-"""merge_lora.py: merged weights reproduce base + adapter, the result is plain transformers, bad input is refused."""
+"""fora/merge.py (merge_lora.py): merged weights reproduce base + adapter, the result is plain transformers, bad input is refused."""
 
 import json
 import sys
 
 import pytest
 import torch
-from conftest import REPO, run_script
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -13,6 +12,7 @@ from fora.args import FinetuningArguments
 from fora.models.load import load_model
 from fora.run import RunRecord
 from fora.tuners.attach import attach_adapter, load_adapter
+from support import REPO, run_script
 
 TOKENS = torch.tensor([[1, 17, 400, 2301, 77, 5, 9000, 33, 120, 8]])
 

@@ -4,7 +4,8 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO
+
+from support import REPO
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (scripts/setup.sh installs it)")

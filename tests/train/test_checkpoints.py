@@ -1,4 +1,5 @@
-"""Runs that are killed, fail to save, diverge, or run many times: checkpoints stay whole and resumable.
+"""fora/train/checkpoints.py: runs that are killed, fail to save, diverge, or run many times: checkpoints stay whole
+and resumable.
 
 The reference is one uninterrupted 6-step run (checkpoints at 2, 4, 6); every interrupted run here
 must end with the same adapter, step count and per-step losses.
@@ -17,7 +18,6 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO
 from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -26,6 +26,7 @@ from fora.errors import UserError, exit_on_user_error
 from fora.infer import predict as predict_fora
 from fora.train import recipe as train_lora
 from fora.train.checkpoints import last_checkpoint
+from support import REPO
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the in-process runs use one thread too
 STEPS = 6
