@@ -67,6 +67,40 @@ def test_eval_generate_scores_as_predict_fora_does(federated_run, tmp_path, tiny
     assert (scores["rouge-l"], scores["bleu-4"]) == (expected["rouge-l"], expected["bleu-4"])
 
 
+def test_the_global_adapter_is_saved_per_round_as_training_saves_it_and_scored(tmp_path, tiny_model):
+    """One round's folder holds what train_lora.py writes (PEFT files, tokenizer, fora_run.json with the round),
+    the eval loss is the adapter's, and the history is rewritten with its plot after every round."""
+    from fora.federated.server_app import History
+
+    validation = write_jsonl(tmp_path / "validation.jsonl", train_records(4, start=100))
+    out = tmp_path / "out"
+    run = parse(["--model_name_or_path", str(tiny_model), "--train_file", "data/train.json", "--validation_file",
+                 str(validation), "--output_dir", str(out), "--num_rounds", "3", "--lora_rank", "4", "--torch_dtype",
+                 "float32", "--max_source_length", "64", "--max_target_length", "16", "--report_to", "none"])
+    server = GlobalAdapter(run)
+    initial = adapter_state(server.model)
+    generator = torch.Generator().manual_seed(0)
+    trained = {name: tensor + 0.5 * torch.randn(tensor.shape, generator=generator) for name, tensor in initial.items()}
+    history = History(out, server.base_bytes)
+    scores = [server.evaluate(state) for state in (initial, trained)]
+    assert set(scores[0]) == {"eval_loss"} and scores[0]["eval_loss"] != scores[1]["eval_loss"]
+    for server_round, entry in enumerate(scores):
+        history.add({"round": server_round, **entry})
+
+    folder = out / "round-1"
+    folder.mkdir()
+    server.save(folder, trained, 1)
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in trained)
+    assert (folder / "adapter_config.json").is_file() and (folder / "tokenizer.json").is_file()
+    record = json.loads((folder / "fora_run.json").read_text())
+    assert record["base_model"] == str(tiny_model) and record["federated"]["round"] == 1
+    assert record["federated"]["num_rounds"] == 3 and not list(folder.glob(".tmp-*"))
+    written = json.loads((out / "federated_history.json").read_text())
+    assert written == {"base_model_bytes": server.base_bytes, "rounds": [{"round": 0, **scores[0]}, {"round": 1, **scores[1]}]}
+    assert (out / "federated_eval_loss.png").stat().st_size > 0
+
+
 # --- The deployment engine, for real on loopback: one SuperLink, two SuperNodes --------------------
 
 
