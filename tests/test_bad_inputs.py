@@ -271,6 +271,7 @@ def test_lora_target_that_is_not_in_the_model(train):
     )
 
 
+@pytest.mark.slow
 def test_malformed_json_through_the_real_script(tmp_path, tiny_model):
     path = tmp_path / "array.json"
     path.write_text(MALFORMED_ARRAY)
@@ -340,6 +341,7 @@ def predict(capsys, tmp_path, tiny_model):
     return run
 
 
+@pytest.mark.slow
 def test_predict_with_an_adapter_for_another_base_through_the_real_script(foreign_adapter, tiny_model, tmp_path):
     out = tmp_path / "predictions"
     line = script_error_line(
@@ -416,6 +418,7 @@ def test_test_set_without_references_is_predicted_not_scored(tiny_model, tmp_pat
 # --- merge_lora.py -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_merge_with_an_adapter_for_another_base_through_the_real_script(foreign_adapter, tiny_model, tmp_path):
     out = tmp_path / "merged"
     line = script_error_line(

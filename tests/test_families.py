@@ -230,6 +230,7 @@ def logits(model, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning_type", ["lora", "fora", "qlora"])
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_train_predict_merge(family, finetuning_type, family_folders, train_file, tmp_path, capsys):
@@ -297,6 +298,7 @@ def one_line_error(call) -> str:
     return str(error.value)
 
 
+@pytest.mark.slow
 def test_missing_trust_remote_code_exits_2_with_one_line(family_folders, train_file, tmp_path):
     folder = family_folders["chatglm3"]
     result = run_script(

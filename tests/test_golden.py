@@ -28,6 +28,8 @@ GOLDEN_RTOL = 1e-6
 SAMPLES = 256  # values compared per tensor
 PYTHON = shutil.which("python") or "python"
 
+pytestmark = pytest.mark.slow  # every golden run goes through the real launchers
+
 # Plain SGD at a large rate: Adam divides each gradient by its own size, so where a gradient nearly cancels out its
 # rounding (which differs between CPUs: AVX2, AVX-512) moves the update by up to 1e-4 of the weights; SGD keeps such
 # differences near 1e-7, while the rate moves the adapter as far as the model's own weights.

@@ -103,6 +103,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(adapters, tiny_model, tm
     assert json.loads((tmp_path / "deq" / "fora_merge.json").read_text())["merge_into"] == "dequantized"
 
 
+@pytest.mark.slow
 def test_cli_shards_and_loads_without_peft(adapters, tiny_model, tmp_path):
     out = tmp_path / "sharded"
     result = run_script(sys.executable, "merge_lora.py", "--adapter", str(adapters["fora"]), "--output_dir", str(out),
@@ -158,6 +159,7 @@ def existing_model(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, expected",
     [

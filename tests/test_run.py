@@ -41,6 +41,7 @@ def test_a_broken_record_is_one_line(tmp_path):
 # --- every checkpoint describes itself; overwriting starts clean ------------------------------------
 
 
+@pytest.mark.slow
 def test_every_checkpoint_carries_the_run_record(tmp_path, tiny_model_plain):
 
     out, result = train_script(tmp_path, tiny_model_plain, "run", "--max_steps", "2", "--save_steps", "1", "--template", "alpaca")
@@ -55,6 +56,7 @@ def test_every_checkpoint_carries_the_run_record(tmp_path, tiny_model_plain):
     assert info["template"] == "alpaca" and info["model_kind"] == "adapter"
 
 
+@pytest.mark.slow
 def test_a_qlora_checkpoint_predicts_on_its_4bit_base(tmp_path, tiny_model):
     out, result = train_script(tmp_path, tiny_model, "qlora", "--max_steps", "1", "--save_steps", "1", script="train_qlora.py")
     assert result.returncode == 0, result.stderr[-3000:]

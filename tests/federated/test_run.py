@@ -34,3 +34,11 @@ def test_a_fora_adapter_travels_whole_between_two_sites(tiny_model):
     torch.testing.assert_close(other(ids).logits, trained(ids).logits)
     with pytest.raises(ValueError, match="does not fit"):
         load_adapter_state(other, dict(list(payload.items())[1:]))
+
+
+def test_a_deployment_reads_its_flags_from_the_run_config():
+    from fora.federated.run import argv_from_run_config
+
+    config = {"flags": "--model_name_or_path '/models/my base' --num_rounds 2", "other": 1}
+    assert argv_from_run_config(config) == ["--model_name_or_path", "/models/my base", "--num_rounds", "2"]
+    assert argv_from_run_config({}) == []

@@ -34,6 +34,7 @@ def talkative_copy(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_eval_generate_scores_as_predict_fora_does(federated_run, tmp_path, tiny_model):
     """Every round has ROUGE-L/BLEU-4, and the server's scorer gives what predict_fora.py gives the same model
     (the initial global adapter, lora_B = 0, on a tiny model that answers words), on labels that are half
@@ -169,6 +170,7 @@ def wait_for_supernodes(count: int, seconds: float, env: dict, processes: list) 
     raise TimeoutError(f"fewer than {count} SuperNodes online after {seconds} s")
 
 
+@pytest.mark.slow
 def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
     """Three sites on loopback; site 2's node config names a data file it does not have, so its client
     raises in every round: the log names it and each round goes on with the two others (--min_fit_clients 2).

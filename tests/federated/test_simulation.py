@@ -14,6 +14,7 @@ from support import FLOWER_ENV, ONE_THREAD, PYTHON, run_script, train_records, w
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_round(federated_run):
     out, *_ = federated_run
     history = json.loads((out / "federated_history.json").read_text())
@@ -34,6 +35,7 @@ def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_roun
     assert "parameters are clipped by value: 1000" in log and "central DP noise with 0.0000 stdev added" in log
 
 
+@pytest.mark.slow
 def test_only_adapter_tensors_travel(federated_run, tiny_model):
     from flwr.app import ArrayRecord
     from safetensors import safe_open
@@ -58,6 +60,7 @@ def test_only_adapter_tensors_travel(federated_run, tiny_model):
     assert all("lora_" in name for name in payload) and not base_names & set(payload)
 
 
+@pytest.mark.slow
 def test_the_round_2_adapter_loads_in_predict_and_merge(federated_run, tmp_path):
     out, *_ = federated_run
     test_file = write_jsonl(tmp_path / "test.jsonl", train_records(2, start=200))
@@ -75,6 +78,7 @@ def test_the_round_2_adapter_loads_in_predict_and_merge(federated_run, tmp_path)
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_fora_clients_on_a_4bit_base(tmp_path, tiny_model):
     """FoRA adapters trained on 4-bit (NF4) bases at two simulated sites: the round's global adapter records
     its 4-bit base, holds FoRA's factors, and predict_fora.py loads it on that base."""
@@ -148,6 +152,7 @@ def test_bad_input_is_one_line_before_flower_starts(tmp_path, tiny_model, case, 
     assert not (tmp_path / "out" / "federated_history.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_in_which_no_round_produced_an_update_fails_in_one_line(tmp_path, tiny_model):
     """Every client misses a half-second --round_timeout (a real simulation): exit 2, no final adapter."""
     train = write_jsonl(tmp_path / "train.jsonl", train_records(8))
@@ -165,6 +170,7 @@ def test_a_run_in_which_no_round_produced_an_update_fails_in_one_line(tmp_path, 
     assert not (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model):
     result = run_script(PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--train_file",
                         "data/train.json", "--num_rounds", "0", "--output_dir", str(tmp_path / "out"), timeout=120)

@@ -24,6 +24,7 @@ def alone(model, tokenizer, prompt: list[int], stop: list[int], budget: int, num
     return new[: next((k for k, token in enumerate(new) if token in stop), len(new))]
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time(monkeypatch):
     """Batches (shared prefix encoded once, the rest in length-sorted chunks, one cache per batch)
     give the same greedy tokens as each prompt alone, in input order, with per-record budgets, and

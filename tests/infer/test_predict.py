@@ -48,6 +48,7 @@ def trained_lora(tiny_model, tmp_path_factory) -> Path:
 # --- predict_fora.py: the command lines -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seed_command_line(trained_lora, tiny_model, tmp_path):
     """The seed's form, predictions written into the adapter folder; --max_len caps prompt + answer."""
     adapter = Path(shutil.copytree(trained_lora, tmp_path / "out"))
@@ -90,6 +91,7 @@ def test_dataset_registry_and_llama_factory_flags(tiny_model, tmp_path):
     assert results["test_path"] == str(Path("data") / "test.json")
 
 
+@pytest.mark.slow
 def test_bad_record_fails_with_file_and_line(tiny_model, tmp_path):
     records = first_test_records(3)
     records[1] = {**records[1], "input": 5}

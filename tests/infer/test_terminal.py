@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- cli_demo.py in a pseudo-terminal -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_terminal_two_turns_clear_exit(adapter):
     """Greedy replies: after `clear`, the first message gets the first reply again (no history in its prompt)."""
     pexpect = pytest.importorskip("pexpect")
@@ -41,6 +42,7 @@ def test_terminal_two_turns_clear_exit(adapter):
     assert "Traceback" not in "".join(turns)
 
 
+@pytest.mark.slow
 def test_terminal_mistakes_are_one_line(adapter, tiny_model, tmp_path):
     from fora.errors import UserError
     from fora.infer import terminal as cli_demo
@@ -54,3 +56,28 @@ def test_terminal_mistakes_are_one_line(adapter, tiny_model, tmp_path):
     assert error.startswith(f"error: --model_dir {broken}: a file in it cannot be read (")
     with pytest.raises(UserError, match="--side_by_side needs --model_dir ADAPTER"):
         cli_demo.main(["--ori_model_dir", str(tiny_model), "--side_by_side"])
+
+
+def test_the_loop_answers_clears_and_ends_at_exit_or_end_of_input(tiny_model, monkeypatch, capsys):
+    """In this process, input() scripted: each message gets a reply, blank lines none, `clear` empties the history."""
+    from fora.infer import terminal as cli_demo
+
+    def typing(*lines):
+        remaining = list(lines)
+
+        def read(prompt=""):
+            if not remaining:
+                raise EOFError  # Ctrl-D
+            return remaining.pop(0)
+
+        return read, remaining
+
+    read, remaining = typing("hello", "   ", "clear", "hello", "exit", "never read")
+    monkeypatch.setattr("builtins.input", read)
+    cli_demo.main(["--ori_model_dir", str(tiny_model), "--max_new_tokens", "4", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert out.startswith("Chatting with ") and out.count("\nAssistant: ") == 2 and "(conversation cleared)" in out
+    assert remaining == ["never read"]
+    monkeypatch.setattr("builtins.input", typing("hello")[0])
+    cli_demo.main(["--ori_model_dir", str(tiny_model), "--max_new_tokens", "4", "--temperature", "0"])
+    assert capsys.readouterr().out.count("\nAssistant: ") == 1

@@ -117,6 +117,7 @@ def wait_for_health(server: subprocess.Popen, url: str, log: Path, timeout: floa
     pytest.fail(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's Chromium at /usr/bin/chromium (scripts/setup.sh installs it as root)")
 def test_browser_chat(adapter, tmp_path):
     """The page as a user drives it: two turns, clear, a reply held and kept across a rerun, side by side."""

@@ -109,6 +109,7 @@ def assert_same_as_uninterrupted(out, reference) -> None:
     print(f"{out.name}: max abs adapter difference from the uninterrupted run {diff:.3g}")
 
 
+@pytest.mark.slow
 def test_killed_mid_save_then_resumed_ends_as_the_uninterrupted_run(tmp_path, tiny_model, cache, uninterrupted, capsys):
     killed, marker, log = tmp_path / "killed", tmp_path / "hanging", tmp_path / "killed.log"
     with log.open("w") as output:
@@ -218,6 +219,7 @@ def test_a_diverging_run_stops_at_the_step_and_saves_nothing_after_it(tmp_path, 
         assert all(w.isfinite().all() for w in load_file(str(out / name / "model.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_soak_three_trainings_and_predictions_leave_nothing_behind(tmp_path, tiny_model, cache, monkeypatch):
     """In-process, as a notebook or a sweep runs them: no child processes, temporary files or memory left per run."""
     scratch = tmp_path / "tmp"
@@ -255,6 +257,7 @@ def settled_rss(process) -> int:
     return process.memory_info().rss
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_match_a_solo_run(tmp_path, tiny_model, cache, uninterrupted):
     """Two real processes into two output folders at once (sharing the tokenized cache the solo run built)."""
     scratch = tmp_path / "tmp"

@@ -9,6 +9,7 @@ from support import train_script, write_jsonl
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_overwrite_output_dir_removes_the_previous_runs_checkpoints(tmp_path, tiny_model):
     out, first = train_script(tmp_path, tiny_model, "run", "--max_steps", "3", "--save_steps", "1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -32,6 +33,7 @@ def test_overwrite_output_dir_removes_the_previous_runs_checkpoints(tmp_path, ti
 # --- a test split is not training data ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mostly_empty_responses_stop_training(tmp_path, tiny_model):
     records = [{"input": f"病历{i}", "target": ""} for i in range(8)] + [{"input": "x", "target": "y"}]
     data = write_jsonl(tmp_path / "test.json", records)
@@ -45,3 +47,19 @@ def test_mostly_empty_responses_stop_training(tmp_path, tiny_model):
                        "--empty_response", "skip", "--save_strategy", "no")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "8 records have an empty response: left out" in skipped.stdout
+
+
+def test_clearing_a_previous_run_takes_its_checkpoints_and_logs_only(tmp_path):
+    from fora.train.recipe import clear_previous_run
+
+    out = tmp_path / "out"
+    for folder in ("checkpoint-1", "checkpoint-2", ".tmp-checkpoint-3", "runs/Dec06_20-00-00"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "optimizer.pt").write_bytes(b"state")
+    (out / "adapter_model.safetensors").write_bytes(b"weights")  # replaced by the new run's own save, not here
+    (out / "notes.txt").write_text("mine")
+    elsewhere = tmp_path / "tensorboard"
+    elsewhere.mkdir()
+    assert clear_previous_run(out, elsewhere) == 3  # logs outside the output folder are left alone
+    assert clear_previous_run(out, out / "runs") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "notes.txt"] and elsewhere.is_dir()
