@@ -8,7 +8,7 @@ where something was saved before, that it is unchanged. A few cases run as real 
 prove the same end to end. The inputs the catalogue accepts on purpose (a UTF-8 BOM, a null input,
 a test set without references) are here too, and must succeed.
 
-The data checks themselves are unit-tested in test_data.py; this file is about what a user sees.
+The data checks themselves are unit-tested in tests/data/; this file is about what a user sees.
 """
 
 import ast
@@ -18,13 +18,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 
 from fora import merge as merge_lora
 from fora.args import MergeArguments, ModelArguments, PredictArguments, parse_args
 from fora.errors import exit_on_user_error
 from fora.infer import predict as predict_fora
 from fora.train import recipe as train_lora
+from support import ONE_THREAD, REPO, run_script, write_jsonl
 
 ALPACA = {"instruction": "Extract the triples.", "input": "The pump leaks.", "output": "pump_部件故障_leaks"}
 # A JSON array whose line 3 lacks a comma.
@@ -271,6 +271,7 @@ def test_lora_target_that_is_not_in_the_model(train):
     )
 
 
+@pytest.mark.slow
 def test_malformed_json_through_the_real_script(tmp_path, tiny_model):
     path = tmp_path / "array.json"
     path.write_text(MALFORMED_ARRAY)
@@ -340,6 +341,7 @@ def predict(capsys, tmp_path, tiny_model):
     return run
 
 
+@pytest.mark.slow
 def test_predict_with_an_adapter_for_another_base_through_the_real_script(foreign_adapter, tiny_model, tmp_path):
     out = tmp_path / "predictions"
     line = script_error_line(
@@ -416,6 +418,7 @@ def test_test_set_without_references_is_predicted_not_scored(tiny_model, tmp_pat
 # --- merge_lora.py -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_merge_with_an_adapter_for_another_base_through_the_real_script(foreign_adapter, tiny_model, tmp_path):
     out = tmp_path / "merged"
     line = script_error_line(

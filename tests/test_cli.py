@@ -1,15 +1,18 @@
-"""The training command lines users run, through the real launchers, on a tiny model."""
+"""fora/cli.py and the command lines users run: the doors in this process, the root scripts through the real launchers."""
 
 import json
 import shutil
 import socket
+import sys
 
 import pytest
 import torch
-from conftest import ONE_THREAD, REPO, run_script, write_jsonl
 from safetensors.torch import load_file
 
-PYTHON = shutil.which("python") or "python"
+from fora.cli import PAGED_OPTIMIZER, with_paged_optimizer
+from fora.errors import UserError
+from fora.precision import cpu_has_bf16
+from support import ONE_THREAD, PYTHON, REPO, run_script, train_script, write_jsonl
 
 
 def train(tmp_path, model, *extra, output="out"):
@@ -33,6 +36,101 @@ def adapter_weights(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def test_paged_optimizer_only_on_cuda(tmp_path):
+    assert with_paged_optimizer(["--lora_rank", "2"], cuda=False) == ["--lora_rank", "2"]
+    assert with_paged_optimizer(["--lora_rank", "2"], cuda=True)[-2:] == ["--optim", PAGED_OPTIMIZER]
+    assert with_paged_optimizer(["--optim", "adamw_torch"], cuda=True) == ["--optim", "adamw_torch"]
+    args = tmp_path / "args.yaml"
+    args.write_text("optim: adafactor\n")
+    assert with_paged_optimizer([str(args)], cuda=True) == [str(args)]
+
+
+@pytest.mark.usefixtures("keep_environment")
+@pytest.mark.parametrize("door", ["train", "train_qlora", "predict", "merge", "chat", "federated"])
+def test_every_door_turns_a_mistake_into_one_line_and_exit_code_2(door, monkeypatch, capsys):
+    """The root scripts' bodies, in this process: their flags reach the package, and a mistake is one line."""
+    from fora import cli
+
+    monkeypatch.setattr(sys, "argv", [f"{door}.py", "--no_such_flag", "1"])
+    with pytest.raises(SystemExit) as stopped:
+        getattr(cli, door)()
+    assert stopped.value.code == 2
+    expected = ("the following arguments are required: --adapter, --output_dir/--output-dir" if door == "merge"
+                else "unknown argument(s): --no_such_flag 1 (see --help for the flags)")
+    assert capsys.readouterr().err == f"error: {expected}\n"
+
+
+def spo_subset(tmp_path, records: int):
+    """The first records of the project's own sample data (the seed's spo_0.json has the same fields)."""
+    lines = (REPO / "data" / "train.json").read_text(encoding="utf-8").splitlines()[:records]
+    path = tmp_path / "spo_0.json"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_train_qlora_two_steps(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_script(
+        sys.executable, str(REPO / "train_qlora.py"), "--train_file", str(spo_subset(tmp_path, 8)),
+        "--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--prompt_column", "input",
+        "--response_column", "output", "--max_steps", "2", "--per_device_train_batch_size", "1",
+        "--max_source_length", "128", "--max_target_length", "64", "--lora_rank", "2", "--logging_steps", "1",
+        "--finetuning_type", "fora", "--report_to", "none", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    compute = "bfloat16" if cpu_has_bf16() else "float32"  # no precision flag: the machine's native one
+    assert f"Base model loaded in 4-bit (NF4, double quantization), compute dtype torch.{compute}" in result.stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    run_info = json.loads((out / "fora_run.json").read_text())
+    assert run_info["quantization_bit"] == 4 and run_info["finetuning_type"] == "fora"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_seed_deepspeed_command(tiny_model, tmp_path):
+    """The seed's command as written (ZeRO-2 over 2 processes, here on CPU); only the paths differ.
+
+    The first 40 records of spo_0 (`head -40`): 20 optimizer steps (4 epochs x 20 records per rank / 4 accumulated).
+    """
+    (tmp_path / "ds_config.json").write_text((REPO / "ds_config.json").read_text())
+    spo_subset(tmp_path, 40)
+    out = tmp_path / "out"
+    command = (
+        f"deepspeed --num_gpus 2 {REPO / 'train_qlora.py'} --train_file spo_0.json --model_name_or_path {tiny_model} "
+        f"--output_dir {out} --prompt_column input --response_column output --cache_dir goat_cache --overwrite_cache "
+        "--overwrite_output_dir --max_source_length 512 --max_target_length 512 --num_train_epochs 4 "
+        "--gradient_accumulation_steps 4 --per_device_train_batch_size 1 --warmup_ratio 0.1 --lr_scheduler_type cosine "
+        "--save_total_limit 1 --learning_rate 2e-5 --logging_steps 50 --save_steps 500 --lora_rank 2 --fp16 "
+        "--torch_dtype float16 --preprocessing_num_workers 2 --deepspeed ds_config.json"
+    )
+    deepspeed = REPO / ".venv" / "bin" / "deepspeed"
+    command = command.replace("deepspeed ", f"{deepspeed if deepspeed.exists() else 'deepspeed'} ", 1)
+    result = run_script("bash", "-c", command, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert result.stdout.count("Base model loaded in 4-bit (NF4, double quantization)") == 1  # rank 0 logs
+    assert json.loads((out / "fora_run.json").read_text())["quantization_bit"] == 4
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 20
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # trained away from B = 0
+
+
+@pytest.mark.slow
+def test_train_and_predict_print_no_deprecation_warning(tmp_path, tiny_model):
+    out, trained = train_script(tmp_path, tiny_model, "run", "--max_steps", "1", "--save_strategy", "no")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    predicted = run_script(sys.executable, "predict_fora.py", "--model_dir", str(out), "--test_path", "data/test.json",
+                           "--max_samples", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "pred"),
+                           env=ONE_THREAD)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    for result in (trained, predicted):
+        assert "deprecated" not in result.stderr and "FutureWarning" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -55,6 +153,7 @@ def test_two_steps_write_a_loadable_adapter_that_changes_the_output(tmp_path, ti
     assert not torch.allclose(before, after, atol=1e-6), "the adapter did not change the output"
 
 
+@pytest.mark.slow
 def test_bf16_trains_under_autocast(tmp_path, tiny_model):
     """--bf16 on a CPU with native bf16: a bf16 base, autocast forward, the head loss outside it (float32 elsewhere)."""
     from fora.precision import cpu_has_bf16
@@ -65,6 +164,7 @@ def test_bf16_trains_under_autocast(tmp_path, tiny_model):
     assert all(torch.isfinite(w).all() for w in adapter_weights(out).values())
 
 
+@pytest.mark.slow
 def test_same_seed_same_adapter(tmp_path, tiny_model):
     first, r1 = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", output="a")
     second, r2 = train(tmp_path, tiny_model, "--max_steps", "2", "--save_strategy", "no", output="b")
@@ -74,6 +174,7 @@ def test_same_seed_same_adapter(tmp_path, tiny_model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model):
     whole, r1 = train(tmp_path, tiny_model, "--max_steps", "4", "--save_steps", "2", output="whole")
     assert r1.returncode == 0, r1.stderr[-3000:]
@@ -86,6 +187,7 @@ def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, t
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_previous_run(tmp_path, tiny_model):
     out, first = train(tmp_path, tiny_model, "--max_steps", "1", "--save_strategy", "no")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -96,6 +198,7 @@ def test_refuses_to_overwrite_a_previous_run(tmp_path, tiny_model):
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_yaml_file_is_the_whole_argument_set(tmp_path, tiny_model):
     args = tmp_path / "args.yaml"
     args.write_text(
@@ -110,6 +213,7 @@ def test_a_yaml_file_is_the_whole_argument_set(tmp_path, tiny_model):
     assert config["r"] == 3 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
+@pytest.mark.slow
 def test_full_finetuning_with_use_lora_false(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -123,6 +227,7 @@ def test_full_finetuning_with_use_lora_false(tmp_path, tiny_model):
     assert json.loads((out / "fora_run.json").read_text())["finetuning_type"] == "full"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter_flags", [[], ["--finetuning_type", "fora"]], ids=["lora", "fora"])
 def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapter_flags):
     """The seed's deepspeed command as written (and with FoRA); only paths and the device selection differ."""
@@ -154,6 +259,7 @@ def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapte
     assert any(trained_from_zero in k and v.abs().max() > 0 for k, v in weights.items())
 
 
+@pytest.mark.slow
 def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
     """The seed's torchrun command; paths and --nproc_per_node differ, and --max_steps 10000 becomes 12."""
     data = tmp_path / "DATA"
@@ -194,6 +300,8 @@ SPLITS = {  # the same global batch of 4 records, split differently
     "deepspeed": ["deepspeed", "--num_gpus", "2", "train_lora.py", "--per_device_train_batch_size", "2",
                   "--deepspeed", "ds_config.json"],
 }
+
+
 SPLIT_STEPS = 16  # 30 records = 7 whole global batches and a short one per epoch, 2 epochs
 
 
@@ -252,6 +360,7 @@ def assert_same_run(out, reference, tolerance):
         assert (weights[name] - expected).norm() <= tolerance * expected.norm(), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["accumulation", "torchrun", "deepspeed"])
 def test_processes_and_accumulation_split_the_same_global_batches(split_runs, split):
     """1 process x batch 2 x 2 accumulation steps, and 2 processes x batch 2 (torchrun; deepspeed ZeRO-2), log the
@@ -285,9 +394,9 @@ RESUME_READS = {  # every pickled file a resume of a split's checkpoint-12 reads
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", RESUME_READS)
 def test_a_payload_in_any_file_a_resume_reads_is_refused_before_it_loads(tmp_path, split_runs, split):
-    from fora.errors import UserError
     from fora.train.checkpoints import check_checkpoint_holds_only_data
 
     honest = split_runs(split)[0] / "checkpoint-12"
@@ -311,6 +420,7 @@ def test_a_payload_in_any_file_a_resume_reads_is_refused_before_it_loads(tmp_pat
         check_checkpoint_holds_only_data(escape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split, planted", [("accumulation", "optimizer.pt"),
                                             ("deepspeed", "global_step12/zero_pp_rank_1_mp_rank_00_optim_states.pt")])
 def test_resuming_from_a_planted_checkpoint_stops_in_one_line(tiny_model, split_runs, split, planted):
@@ -328,6 +438,7 @@ def test_resuming_from_a_planted_checkpoint_stops_in_one_line(tiny_model, split_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_trust_checkpoint_skips_the_check(tiny_model, split_runs):
     """--trust_checkpoint: the project's check is skipped and the files go to their loaders as they are (here
     transformers' own weights-only load of optimizer.pt refuses the payload; DeepSpeed's would run it)."""
@@ -342,6 +453,7 @@ def test_trust_checkpoint_skips_the_check(tiny_model, split_runs):
     assert "Weights only load failed" in result.stderr and not marker.exists()
 
 
+@pytest.mark.slow
 def test_an_honest_deepspeed_checkpoint_resumes_to_the_uninterrupted_run(tiny_model, split_runs):
     """Resumed at step 12 (mid-way through the second epoch) under deepspeed ZeRO-2: the same losses after it
     and the same adapter as the run that was never stopped."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script, write_jsonl
 from fixtures import families, shape
 from sentencepiece import SentencePieceProcessor
 
@@ -21,6 +20,7 @@ from fora.models.load import load_model
 from fora.models.tokenizer import load_tokenizer
 from fora.run import RunRecord
 from fora.tuners.attach import attach_adapter, load_adapter
+from support import REPO, run_script, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,6 +230,7 @@ def logits(model, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning_type", ["lora", "fora", "qlora"])
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_train_predict_merge(family, finetuning_type, family_folders, train_file, tmp_path, capsys):
@@ -297,6 +298,7 @@ def one_line_error(call) -> str:
     return str(error.value)
 
 
+@pytest.mark.slow
 def test_missing_trust_remote_code_exits_2_with_one_line(family_folders, train_file, tmp_path):
     folder = family_folders["chatglm3"]
     result = run_script(
@@ -361,47 +363,7 @@ def test_supervised_loss_falls_back_to_the_models_logits(family, family_folders,
     torch.testing.assert_close(loss, expected)
 
 
-class StubTokenizer:
-    """What family_template reads from a tokenizer: its folder and its id → token mapping."""
 
-    def __init__(self, folder: Path, tokens: dict[int, str]):
-        self.name_or_path, self.tokens = str(folder), tokens
-
-    def convert_ids_to_tokens(self, index):
-        return self.tokens.get(index)
-
-    def convert_tokens_to_ids(self, token):
-        return next((i for i, t in self.tokens.items() if t == token), 0)
-
-
-@pytest.mark.parametrize(
-    ("model_type", "generation", "tokens", "expected"),
-    [
-        ("baichuan", {"user_token_id": 195}, {195: "<reserved_102>"}, "baichuan"),  # Baichuan-13B-Chat
-        ("baichuan", {"user_token_id": 195}, {195: "<reserved_106>"}, "baichuan2"),
-        ("baichuan", None, {195: "<reserved_102>"}, None),  # Baichuan-7B: a base model, no chat format
-        ("internlm2", None, {}, "internlm2"),
-        ("llama", None, {}, None),  # Llama 2 or 3, chat or base: the tokenizer's chat template decides
-    ],
-)
-def test_family_template_from_config_and_tokenizer(model_type, generation, tokens, expected, tmp_path):
-    from fora.data.templates import family_template
-
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
-    if generation:
-        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
-    assert family_template(StubTokenizer(tmp_path, tokens)) == expected
-
-
-def test_family_template_with_a_broken_generation_config(tmp_path):
-    """A hand-edited generation_config.json that is not JSON is a one-line error naming the file and line."""
-    from fora.data.templates import family_template
-    from fora.errors import UserError
-
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "baichuan"}))
-    (tmp_path / "generation_config.json").write_text('{\n  "user_token_id": 195,\n}')
-    with pytest.raises(UserError, match=r"generation_config.json: line 3: invalid JSON"):
-        family_template(StubTokenizer(tmp_path, {195: "<reserved_106>"}))
 
 
 def test_model_scripts_name_existing_configs_and_templates():

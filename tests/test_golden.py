@@ -2,7 +2,7 @@
 the code must reproduce: training losses and trained tensors (LoRA, FoRA, QLoRA, full; 1 process, and 2
 under deepspeed ZeRO-2 and torchrun), predictions and their scores, merged weights, one federated round.
 
-Everything runs through the command lines users type, in float32, on the tiny model of conftest.py. A
+Everything runs through the command lines users type, in float32, on the tiny model of support.py. A
 tensor is compared by its norm and a fixed sample of its values, each within GOLDEN_RTOL of the recorded
 one relative to the tensor's scale (its largest sampled value). Greedy predictions are compared as text.
 
@@ -18,14 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD, REPO, run_script
 from safetensors.torch import load_file
+
+from support import ONE_THREAD, REPO, run_script
 
 GOLDEN = REPO / "tests" / "golden"
 RECORD = os.environ.get("FORA_RECORD_GOLDEN") == "1"
 GOLDEN_RTOL = 1e-6
 SAMPLES = 256  # values compared per tensor
 PYTHON = shutil.which("python") or "python"
+
+pytestmark = pytest.mark.slow  # every golden run goes through the real launchers
 
 # Plain SGD at a large rate: Adam divides each gradient by its own size, so where a gradient nearly cancels out its
 # rounding (which differs between CPUs: AVX2, AVX-512) moves the update by up to 1e-4 of the weights; SGD keeps such

@@ -1,11 +1,10 @@
-"""merge_lora.py: merged weights reproduce base + adapter, the result is plain transformers, bad input is refused."""
+"""fora/merge.py (merge_lora.py): merged weights reproduce base + adapter, the result is plain transformers, bad input is refused."""
 
 import json
 import sys
 
 import pytest
 import torch
-from conftest import REPO, run_script
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -13,6 +12,7 @@ from fora.args import FinetuningArguments
 from fora.models.load import load_model
 from fora.run import RunRecord
 from fora.tuners.attach import attach_adapter, load_adapter
+from support import REPO, run_script
 
 TOKENS = torch.tensor([[1, 17, 400, 2301, 77, 5, 9000, 33, 120, 8]])
 
@@ -103,6 +103,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(adapters, tiny_model, tm
     assert json.loads((tmp_path / "deq" / "fora_merge.json").read_text())["merge_into"] == "dequantized"
 
 
+@pytest.mark.slow
 def test_cli_shards_and_loads_without_peft(adapters, tiny_model, tmp_path):
     out = tmp_path / "sharded"
     result = run_script(sys.executable, "merge_lora.py", "--adapter", str(adapters["fora"]), "--output_dir", str(out),
@@ -158,6 +159,7 @@ def existing_model(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, expected",
     [

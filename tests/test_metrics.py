@@ -1,4 +1,4 @@
-"""fora.metrics against values computed by hand, independently of rouge_chinese and nltk."""
+"""fora/metrics.py against values computed by hand, independently of rouge_chinese and nltk."""
 
 import math
 

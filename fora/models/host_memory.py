@@ -13,8 +13,8 @@ def return_large_frees_to_system(threshold: int = 1 << 20) -> None:
     malloc's heaps, and freed ones stay resident: the 4-bit run's resident memory grows step after step
     without holding any more live tensors. Setting the threshold (M_MMAP_THRESHOLD) fixes it and turns
     that adjustment off. The price is a page fault per 4 KB of every new large block, which slows steps
-    (docs/benchmarks.md measures both sides), hence the `--unmap_freed_memory` flag. Process-wide and for the rest of the process; no-op outside glibc.
-    Used where the model lives in host memory (quantized on CPU).
+    (docs/benchmarks.md measures both sides), hence the `--unmap_freed_memory` flag. Process-wide and for
+    the rest of the process; no-op outside glibc. Used where the model lives in host memory (quantized on CPU).
     """
     import ctypes
 

@@ -31,7 +31,7 @@ def plain_logits(config: PretrainedConfig) -> OutputLogits:
 def softcapped_logits(config: PretrainedConfig) -> OutputLogits:
     return OutputLogits(softcap=config.final_logit_softcapping)  # None: the model leaves its logits as they are
 
-# The proven list: model types whose supervised-position loss tests/test_loss_parity.py shows equal to the
+# The proven list: model types whose supervised-position loss tests/train/test_loss.py shows equal to the
 # model's own `model(input_ids, attention_mask, labels)` (loss and gradients, right-padded batch), each with
 # what its forward applies after the output layer. Any other model gets full logits and its padding mask.
 SUPERVISED_LOSS_MODELS: dict[str, Callable[[PretrainedConfig], OutputLogits]] = {

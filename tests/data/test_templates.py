@@ -1,4 +1,7 @@
-"""Prompt templates: which one applies, the literal text each renders, and which part is trained."""
+"""fora/data/templates.py: which template applies, the text each renders, the trained part, a long prompt's cut, family templates."""
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -7,12 +10,6 @@ from fora.errors import UserError
 from fora.models.tokenizer import load_tokenizer
 
 TURNS = [("Hi", "Hello"), ("And?", "Bye")]
-
-
-@pytest.fixture(scope="module")
-def plain_tokenizer(tiny_model_plain):
-    """SmolLM2's tokenizer without a chat template (eos = pad = <|im_end|>)."""
-    return load_tokenizer(str(tiny_model_plain))
 
 
 def decode(tokenizer, ids) -> str:
@@ -186,11 +183,12 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tiny_model):
         ChatTemplate().encode(tokenizer, None, [("Hi", "Hello"), ("And?", "Bye")])
 
 
-
 # --- a prompt longer than max_source_length: the end of the user's text is cut, the template stays --------
-# Through generate.build_prompt, the prediction prompt; training cuts the same way (test_data, test_predict).
+# Through generate.build_prompt, the prediction prompt; training cuts the same way (data/test_encode.py, infer/test_generate.py).
 
 LONG_USER = "请你帮我抽取出关系三元组。文本：" + "The pump leaks oil; 发动机水温高，风扇转速慢。" * 30
+
+
 SYSTEM = "Be brief."
 
 
@@ -263,3 +261,49 @@ def test_limit_below_the_template_alone_is_a_user_error(tokenizer, plain_tokeniz
         f"test.json: line 1: --max_source_length {len(bare) - 1} leaves no room for the user's text: "
         f"the template and system text alone take {len(bare)} tokens"
     )
+
+
+# --- the family's own template, from its config and tokenizer (the families themselves: test_families.py) ------
+
+
+class StubTokenizer:
+    """What family_template reads from a tokenizer: its folder and its id → token mapping."""
+
+    def __init__(self, folder: Path, tokens: dict[int, str]):
+        self.name_or_path, self.tokens = str(folder), tokens
+
+    def convert_ids_to_tokens(self, index):
+        return self.tokens.get(index)
+
+    def convert_tokens_to_ids(self, token):
+        return next((i for i, t in self.tokens.items() if t == token), 0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "generation", "tokens", "expected"),
+    [
+        ("baichuan", {"user_token_id": 195}, {195: "<reserved_102>"}, "baichuan"),  # Baichuan-13B-Chat
+        ("baichuan", {"user_token_id": 195}, {195: "<reserved_106>"}, "baichuan2"),
+        ("baichuan", None, {195: "<reserved_102>"}, None),  # Baichuan-7B: a base model, no chat format
+        ("internlm2", None, {}, "internlm2"),
+        ("llama", None, {}, None),  # Llama 2 or 3, chat or base: the tokenizer's chat template decides
+    ],
+)
+def test_family_template_from_config_and_tokenizer(model_type, generation, tokens, expected, tmp_path):
+    from fora.data.templates import family_template
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    if generation:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    assert family_template(StubTokenizer(tmp_path, tokens)) == expected
+
+
+def test_family_template_with_a_broken_generation_config(tmp_path):
+    """A hand-edited generation_config.json that is not JSON is a one-line error naming the file and line."""
+    from fora.data.templates import family_template
+    from fora.errors import UserError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "baichuan"}))
+    (tmp_path / "generation_config.json").write_text('{\n  "user_token_id": 195,\n}')
+    with pytest.raises(UserError, match=r"generation_config.json: line 3: invalid JSON"):
+        family_template(StubTokenizer(tmp_path, {195: "<reserved_106>"}))

@@ -1,4 +1,4 @@
-"""fusion_lora against FoRA's formula computed here, independently, from the five matrices.
+"""fora/tuners/fora.py (fusion_lora): FoRA's layers against its formula computed here, independently, from the five matrices.
 
     h = W0 x + s * D (A x + E A x + C B A x)        dW = s * D (I + E + C B) A
 """

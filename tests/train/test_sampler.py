@@ -1,4 +1,4 @@
-"""Several processes: global batches that do not depend on the split, and checkpoints that are only data."""
+"""fora/train/sampler.py: global batches that do not depend on how processes and accumulation split them."""
 
 import pytest
 from accelerate.data_loader import BatchSamplerShard

@@ -1,4 +1,4 @@
-"""The addmm LoRA layers against PEFT's own: same outputs, gradients, merge and saved files."""
+"""fora/tuners/lora_fast.py: the addmm LoRA layers against PEFT's own: same outputs, gradients, merge and saved files."""
 
 import pytest
 import torch

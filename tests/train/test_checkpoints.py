@@ -1,4 +1,5 @@
-"""Runs that are killed, fail to save, diverge, or run many times: checkpoints stay whole and resumable.
+"""fora/train/checkpoints.py: runs that are killed, fail to save, diverge, or run many times: checkpoints stay whole
+and resumable.
 
 The reference is one uninterrupted 6-step run (checkpoints at 2, 4, 6); every interrupted run here
 must end with the same adapter, step count and per-step losses.
@@ -17,7 +18,6 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO
 from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -26,6 +26,7 @@ from fora.errors import UserError, exit_on_user_error
 from fora.infer import predict as predict_fora
 from fora.train import recipe as train_lora
 from fora.train.checkpoints import last_checkpoint
+from support import REPO
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the in-process runs use one thread too
 STEPS = 6
@@ -108,6 +109,7 @@ def assert_same_as_uninterrupted(out, reference) -> None:
     print(f"{out.name}: max abs adapter difference from the uninterrupted run {diff:.3g}")
 
 
+@pytest.mark.slow
 def test_killed_mid_save_then_resumed_ends_as_the_uninterrupted_run(tmp_path, tiny_model, cache, uninterrupted, capsys):
     killed, marker, log = tmp_path / "killed", tmp_path / "hanging", tmp_path / "killed.log"
     with log.open("w") as output:
@@ -217,6 +219,7 @@ def test_a_diverging_run_stops_at_the_step_and_saves_nothing_after_it(tmp_path, 
         assert all(w.isfinite().all() for w in load_file(str(out / name / "model.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_soak_three_trainings_and_predictions_leave_nothing_behind(tmp_path, tiny_model, cache, monkeypatch):
     """In-process, as a notebook or a sweep runs them: no child processes, temporary files or memory left per run."""
     scratch = tmp_path / "tmp"
@@ -254,6 +257,7 @@ def settled_rss(process) -> int:
     return process.memory_info().rss
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_match_a_solo_run(tmp_path, tiny_model, cache, uninterrupted):
     """Two real processes into two output folders at once (sharing the tokenized cache the solo run built)."""
     scratch = tmp_path / "tmp"
