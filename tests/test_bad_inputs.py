@@ -180,7 +180,8 @@ BAD_TRAINING_FLAGS = [
     (["--lora_rank", "eight"], "argument --lora_rank/--lora-rank: invalid int value: 'eight'"),
     (["--lora_ranks", "8"], "unknown argument(s): --lora_ranks 8 (see --help for the flags)"),
     (["--finetuning_type", "dora"],
-     "argument --finetuning_type/--finetuning-type: invalid choice: 'dora' (choose from 'lora', 'fora', 'full')"),
+     "argument --finetuning_type/--finetuning-type: invalid choice: 'dora' (choose from "
+         "'lora', 'fora', 'loha', 'lokr', 'ia3', 'adalora', 'oft', 'prefix', 'prompt', 'freeze', 'full')"),
     (
         ["--template", "qwen3"],
         "argument --template: invalid choice: 'qwen3' (choose from 'auto', 'chat_template', 'default', 'empty', 'alpaca', "

@@ -3,7 +3,6 @@ fine-tuned model, or the base itself), loaded as training left it, and a descrip
 
 import contextlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,10 +55,10 @@ def load_inference_model(
     - a model folder (config.json + weights; merged or fully fine-tuned): loaded as it is;
     - None: the base model itself (`base_model`, else the embedded default).
     Without a record the dtype is float32, but on CUDA the one the checkpoint is stored in (precision.py);
-    the model loads straight onto this process's device. Flags given here win over the recorded values. The tokenizer comes from the folder holding the
-    weights (the base under an adapter), as training loaded it. The returned info is the run record as
-    a dict (empty if none) plus model_kind (adapter, model, base), base_model, torch_dtype,
-    quantization_bit and merged.
+    the model loads straight onto this process's device. Flags given here win over the recorded values.
+    The tokenizer comes from the folder holding the weights (the base under an adapter), as training
+    loaded it. The returned info is the run record as a dict (empty if none) plus model_kind (adapter,
+    model, base), base_model, torch_dtype, quantization_bit and merged.
     """
     record, kind, adapter = None, "base", None
     if model_dir:
@@ -97,7 +96,8 @@ def load_inference_model(
 
     tokenizer = load_tokenizer(model_path, trust_remote_code, padding_side="left", flag=model_flag)
     with _damaged_files_named(model_flag, model_path):
-        model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag, on_device=True)
+        model = load_model(model_path, getattr(torch, dtype_name), trust_remote_code, quantization_bit, flag=model_flag,
+                           on_device=True)
     merged = False
     if adapter:
         with _damaged_files_named("--model_dir", adapter):

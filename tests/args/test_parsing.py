@@ -70,7 +70,8 @@ def test_argument_file_errors(tmp_path):
         (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1), got 1.0"),
         (["--fora_mid_ratio", "0"], "--fora_mid_ratio must be in (0, 1], got 0.0"),
         (["--finetuning_type", "qlora"],
-         "argument --finetuning_type/--finetuning-type: invalid choice: 'qlora' (choose from 'lora', 'fora', 'full')"),
+         "argument --finetuning_type/--finetuning-type: invalid choice: 'qlora' (choose from "
+         "'lora', 'fora', 'loha', 'lokr', 'ia3', 'adalora', 'oft', 'prefix', 'prompt', 'freeze', 'full')"),
         (["--data_format", "csv"], "argument --data_format/--data-format: invalid choice: 'csv' (choose from 'auto', "
                                    "'alpaca', 'promptcblue', 'columns', 'xtuner', 'sharegpt')"),
         (["--empty_response", "drop"],

@@ -217,23 +217,60 @@ def test_default_model_when_no_model_is_given(tmp_path):
 
 
 def test_batch_size_halves_on_out_of_memory(tmp_path, tiny_model, monkeypatch, capsys):
-    from fora.infer import generate
+    """An allocation failure (the CPU allocator's, cuBLAS's) halves the automatic batch; the batches done before
+    it are kept, and the prompts not yet done go on at the smaller size: the outputs equal a fixed batch's."""
+    from transformers import GenerationMixin
+
     from fora.infer import predict as predict_fora
 
     flags = ["--ori_model_dir", str(tiny_model), "--test_path", "data/test.json", "--max_samples", "12",
-             "--max_new_tokens", "4"]
+             "--max_new_tokens", "4", "--torch_dtype", "float32"]
     predict_fora.main([*flags, "--batch_size", "3", "--output_dir", str(tmp_path / "fixed")])
-    real_generate_ids, tried = generate.generate_ids, []
+    real_generate, batches = GenerationMixin.generate, []
+    failures = iter(["[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory",
+                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
 
-    def small_memory(model, tokenizer, prompts, stop, budgets, batch_size, *args, **kwargs):
-        tried.append(batch_size)
-        if batch_size > 3:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-        return real_generate_ids(model, tokenizer, prompts, stop, budgets, batch_size, *args, **kwargs)
+    def small_memory(self, *args, **kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        batches.append(rows)
+        if rows > 3:
+            raise RuntimeError(next(failures))
+        return real_generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(generate, "generate_ids", small_memory)
+    monkeypatch.setattr(GenerationMixin, "generate", small_memory)
     auto = predict_fora.main([*flags, "--output_dir", str(tmp_path / "auto")])
-    assert tried == [12, 6, 3] and auto["generation"]["batch_size"] == 3
-    assert "out of memory at --batch_size 12; trying 6" in capsys.readouterr().err
+    assert batches == [12, 6, 3, 3, 3, 3] and auto["generation"]["batch_size"] == 3
+    errors = capsys.readouterr().err
+    assert "out of memory at --batch_size 12; the remaining prompts at 6" in errors and "at --batch_size 6" in errors
     read = lambda name: (tmp_path / name / "generated_predictions.jsonl").read_text()  # noqa: E731
     assert read("auto") == read("fixed")
+
+
+def test_a_late_out_of_memory_redoes_only_the_prompts_left(tiny_model, monkeypatch):
+    """Memory that runs out at the third batch halves the batch from there on: the first two batches' prompts are
+    generated once, not again."""
+    import torch
+    from transformers import GenerationMixin
+
+    from fora.infer import generate
+    from fora.models.load import load_model
+    from fora.models.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(str(tiny_model), torch.float32).eval(), load_tokenizer(str(tiny_model), padding_side="left")
+    prompts = [[1, 50 + i, 60 + i, 70 + i] + [80] * (i % 3) for i in range(8)]
+    real_generate, batches, calls = GenerationMixin.generate, [], []
+
+    def late_failure(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", late_failure)
+    shrunk = generate.generate_ids(model, tokenizer, prompts, [2], 3, 2, progress=False, on_shrink=lambda old, new: batches.append(new))
+    assert calls == [2, 2, 2, 1, 1, 1, 1] and batches == [1]
+    monkeypatch.setattr(GenerationMixin, "generate", real_generate)
+    assert shrunk == generate.generate_ids(model, tokenizer, prompts, [2], 3, 1, progress=False)
+    with pytest.raises(RuntimeError, match="shape"):  # not an allocation failure: raised as it is
+        monkeypatch.setattr(GenerationMixin, "generate", lambda self, **kwargs: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+        generate.generate_ids(model, tokenizer, prompts, [2], 3, 2, progress=False, on_shrink=lambda old, new: None)

@@ -24,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fora.errors import UserError, exit_on_user_error
 from fora.infer import predict as predict_fora
+from fora.train import checkpoints as checkpoint_module
 from fora.train import recipe as train_lora
 from fora.train.checkpoints import last_checkpoint
 from support import REPO
@@ -166,12 +167,12 @@ def test_a_failed_final_save_keeps_the_adapter_that_was_there(tmp_path, tiny_mod
     train(tiny_model, cache, out, "--max_steps", "1", "--save_strategy", "no")
     adapter = {name: (out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
 
-    def write_then_fail(self, output_dir=None, state_dict=None):
-        save(self, output_dir, state_dict)  # every file written, then the disk is full
+    def write_then_fail(model, folder, initial_adapter=None):
+        save(model, folder, initial_adapter)  # every file written, then the disk is full
         raise OSError(28, "No space left on device (injected)")
 
-    save = Trainer._save
-    monkeypatch.setattr(Trainer, "_save", write_then_fail)
+    save = checkpoint_module.save_trained
+    monkeypatch.setattr(checkpoint_module, "save_trained", write_then_fail)
     with pytest.raises(OSError, match="injected"):
         train(tiny_model, cache, out, "--max_steps", "2", "--save_strategy", "no", "--overwrite_output_dir")
     assert {name: (out / name).read_bytes() for name in adapter} == adapter
