@@ -14,7 +14,7 @@ from fora.run import RunRecord
 from fora.train.trainer import SupervisedTrainer
 from fora.tuners.attach import attach_adapter
 from fora.tuners.methods import METHODS, check_method
-from support import random_batch
+from support import random_batch, trainer_loss_and_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,14 +78,10 @@ def randomized(model):
     return model
 
 
-def trainer_loss_and_grads(name, model, batch, tmp_path):
+def trainer_for(name, model, tmp_path) -> SupervisedTrainer:
     record = RunRecord(base_model="tiny", finetuning_type=name, torch_dtype="float32")
-    trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
-                                run_record=record)
-    model.zero_grad()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    return trainer.loss_path, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+                             run_record=record)
 
 
 def peft_loss_and_grads(model, batch):
@@ -108,8 +104,9 @@ def test_the_training_loss_is_pefts_own_for_every_method(case, tiny_model, token
     model = randomized(attach_adapter(load_model(str(tiny_model), torch.float32), method_args(name, **CASES[case])))
     model.train()
     batch = random_batch(len(tokenizer), tokenizer.pad_token_id)
-    path, loss, grads = trainer_loss_and_grads(name, model, batch, tmp_path)
-    assert path == METHODS[name].loss
+    trainer = trainer_for(name, model, tmp_path)
+    loss, grads = trainer_loss_and_grads(trainer, model, batch)
+    assert trainer.loss_path == METHODS[name].loss
     own_loss, own_grads = peft_loss_and_grads(model, batch)
     torch.testing.assert_close(loss, own_loss, rtol=1e-5, atol=1e-6)
     for key, grad in grads.items():
@@ -121,10 +118,11 @@ def test_adalora_takes_pefts_loss_with_its_regulariser(tiny_model, tokenizer, tm
     model = randomized(attach_adapter(load_model(str(tiny_model), torch.float32), method_args("adalora"), total_steps=10))
     model.train()
     batch = random_batch(len(tokenizer), tokenizer.pad_token_id)
-    path, loss, _ = trainer_loss_and_grads("adalora", model, batch, tmp_path)
+    trainer = trainer_for("adalora", model, tmp_path)
+    loss, _ = trainer_loss_and_grads(trainer, model, batch)
     without_regulariser = model.base_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                                  labels=batch["labels"]).loss
-    assert path == "model"
+    assert trainer.loss_path == "model"
     torch.testing.assert_close(loss, peft_loss_and_grads(model, batch)[0])
     assert loss > without_regulariser  # PEFT's orthogonality term is in it
 
