@@ -33,6 +33,15 @@ def launcher(name: str, processes: int) -> list[str]:
     return [str(bin_dir / "torchrun"), "--nproc_per_node", str(processes)]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a launcher's rendezvous or a server a test starts)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def processes_failure(command: list[str], result: subprocess.CompletedProcess) -> tuple[int, str]:
     """The exit code of the processes `command` launched and their stderr. torchrun exits 1 whatever failed, and
     appends a report of its own (its traceback, ending in ChildFailedError, then each rank's exit code)."""

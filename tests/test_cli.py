@@ -3,7 +3,6 @@
 import json
 import shlex
 import shutil
-import socket
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from fora.cli import PAGED_OPTIMIZER, with_paged_optimizer
 from fora.errors import UserError
 from fora.precision import cpu_has_bf16
-from support import ONE_THREAD, PYTHON, REPO, launcher, processes_failure, run_script, train_script, write_jsonl
+from support import ONE_THREAD, PYTHON, REPO, free_port, launcher, processes_failure, run_script, train_script, write_jsonl
 
 
 def train(tmp_path, model, *extra, output="out"):
@@ -349,12 +348,6 @@ def train_split(folder, model, split, *extra, output=None):
         *extra, env=ONE_THREAD, timeout=900,
     )
     return out, result
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def logged_losses(out):

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ONE_THREAD, REPO
+from support import ONE_THREAD, REPO, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,12 +94,6 @@ def test_page_mistakes_show_an_error_box(monkeypatch, adapter, tmp_path, flags, 
 
 
 # --- web_demo.py in a real browser ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_health(server: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:

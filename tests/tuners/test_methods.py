@@ -153,12 +153,16 @@ def test_the_fast_lora_layer_gives_pefts_outputs_and_gradients_for_each_variant(
             torch.testing.assert_close(param.grad, plain_grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+TRAIN_FLAGS = ["--max_steps", "3", "--report_to", "none", "--torch_dtype", "float32", "--lora_rank", "4",
+               "--learning_rate", "5e-2", "--num_virtual_tokens", "4", "--save_steps", "2"]
+
+
 def train(tiny_model, train_file, out, *flags):
+    """3 steps of batch 2 in this process (a checkpoint at step 2)."""
     from fora.train.recipe import main
 
     main(["--model_name_or_path", str(tiny_model), "--train_file", str(train_file), "--output_dir", str(out),
-          "--max_steps", "3", "--per_device_train_batch_size", "2", "--report_to", "none", "--torch_dtype", "float32",
-          "--lora_rank", "4", "--learning_rate", "5e-2", "--num_virtual_tokens", "4", "--save_steps", "2", *flags])
+          "--per_device_train_batch_size", "2", *TRAIN_FLAGS, *flags])
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +259,43 @@ def test_every_method_with_a_quantized_layer_trains_on_a_4bit_base(name, tiny_mo
     assert json.loads((out / "fora_run.json").read_text())["quantization_bit"] == 4
     predict(["--model_dir", str(out), "--test_path", str(train_file), "--output_dir", str(tmp_path / "p"),
              "--max_new_tokens", "3", "--max_samples", "2"])
+
+
+def trained_tensors(folder) -> dict[str, torch.Tensor]:
+    """What a run saved: its adapter, or (freeze, full) the whole model's weights."""
+    from safetensors.torch import load_file
+
+    adapter = folder / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in METHODS if name != "adalora"])  # AdaLoRA is refused under ZeRO
+def test_two_deepspeed_processes_train_what_one_process_trains(name, tiny_model, train_file, tmp_path):
+    """ZeRO-2 over 2 processes x batch 1 gives the adapter 1 process x batch 2 gives, to float32 rounding (1e-5
+    relative; plain SGD, so no optimizer amplifies rounding): the same records in each step, the same update."""
+    from support import ONE_THREAD, REPO, free_port, launcher, run_script
+
+    flags = ["--finetuning_type", name, "--optim", "sgd", "--learning_rate", "0.1", "--seed", "7", "--logging_steps", "1",
+             "--save_steps", "1"]
+    train(tiny_model, train_file, tmp_path / "one", *flags)
+    deepspeed = launcher("deepspeed", 2)
+    result = run_script(
+        deepspeed[0], "--master_port", str(free_port()), *deepspeed[1:], "train_lora.py", "--model_name_or_path", str(tiny_model),
+        "--train_file", str(train_file), "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "1",
+        "--deepspeed", str(REPO / "ds_config.json"), *TRAIN_FLAGS, *flags, env=ONE_THREAD, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = trained_tensors(tmp_path / "one"), trained_tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key, expected in one.items():
+        assert (two[key] - expected).norm() <= 1e-5 * expected.norm(), key
+    losses = [logged_losses(tmp_path / run / "checkpoint-3") for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    step_1 = trained_tensors(tmp_path / "one" / "checkpoint-1")  # training moved the weights compared
+    assert any(not torch.equal(step_1[key], tensor) for key, tensor in one.items())
+
+
+def logged_losses(checkpoint) -> list[float]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
