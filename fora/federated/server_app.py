@@ -18,13 +18,13 @@ from fora.federated.run import (
     HISTORY_FILE,
     FederatedRun,
     adapter_state,
-    argv_from_run_config,
     load_adapted_model,
     load_adapter_state,
     logger,
     parse,
     quiet_training_args,
     refuse_previous_run,
+    server_argv,
 )
 from fora.federated.strategy import AdapterAveraging, FederationFailed, ServerAdamW
 from fora.infer import generate
@@ -40,7 +40,7 @@ class GlobalAdapter:
 
     def __init__(self, run: FederatedRun):
         self.run = run
-        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run, None)
+        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run)
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
         self.evaluator = None
         if run.data.validation_file:
@@ -204,7 +204,7 @@ def make_server_app(argv: list[str] | None = None):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, argv if argv is not None else argv_from_run_config(context.run_config))
+        serve(grid, argv if argv is not None else server_argv(context.run_config))
 
     return app
 
