@@ -43,3 +43,39 @@ def test_partitions_are_seeded_disjoint_and_by_field_keep_each_value_on_one_clie
     for share in shares:
         sites = {records[i].value["site"] for i in share}
         assert all(records[i].value["site"] not in sites for other in shares if other is not share for i in other)
+
+
+def test_dirichlet_shares_follow_alpha_and_are_seeded():
+    """--partition dirichlet:ALPHA:NAME (Flower Datasets' DirichletPartitioner): every record once, every client
+    at least one, the same draw for the same seed; a small ALPHA concentrates each value on few clients."""
+    from fora.data.records import Record
+    from fora.federated.partition import split_dirichlet
+
+    records = [Record(f"f: line {i}", {"site": "abcd"[i % 4]}) for i in range(80)]
+
+    def purity(shares) -> float:  # the mean share of a client's records that carry its most common value
+        counts = [[sum(records[i].value["site"] == v for i in share) for v in "abcd"] for share in shares]
+        return sum(max(c) / sum(c) for c in counts) / len(counts)
+
+    skewed = split_dirichlet(records, "site", 0.05, 3, seed=1)
+    even = split_dirichlet(records, "site", 1000.0, 3, seed=1)
+    for shares in (skewed, even):
+        assert sorted(i for s in shares for i in s) == list(range(80)) and all(shares)
+    assert split_dirichlet(records, "site", 0.05, 3, seed=1) == skewed != split_dirichlet(records, "site", 0.05, 3, seed=2)
+    assert purity(skewed) > 0.8 and purity(even) < 0.5
+
+
+def test_partition_flags_are_checked_in_one_line():
+    from fora.args import FederatedArguments
+    from fora.errors import UserError
+
+    for partition in ("dirichlet:0.5", "dirichlet:-1:site", "dirichlet:x:site", "random"):
+        try:
+            FederatedArguments(partition=partition)
+        except UserError as error:
+            assert "choose iid, dirichlet:ALPHA:NAME (ALPHA > 0), field:NAME or files" in str(error)
+        else:
+            raise AssertionError(partition)
+    assert FederatedArguments(partition="dirichlet:0.5:site").dirichlet() == (0.5, "site")
+    assert FederatedArguments(num_clients=10, fraction_train=0.3).min_fit_clients == 3
+    assert FederatedArguments(num_clients=10, fraction_train=0.3, min_fit_clients=5).clients_per_round() == 5

@@ -1,6 +1,7 @@
 """fora/federated/simulation.py (train_federated.py): real simulations whose adapters predict and merge; bad input before Flower."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -176,3 +177,45 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model):
                         "data/train.json", "--num_rounds", "0", "--output_dir", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --num_rounds must be at least 1, got 0"]
+
+
+# --- GPUs: the clients' shares and the server's own GPU (CUDA faked; the logic runs on any machine) ------------
+
+
+@pytest.mark.parametrize("visible, count, server, clients", [
+    (None, 0, None, []),                          # no GPU: everyone on the CPU
+    (None, 1, None, ["0"]),                       # one GPU: the server and the clients share it
+    (None, 4, "3", ["0", "1", "2"]),              # the server keeps the last GPU to itself
+    ("4,5,7", 3, "7", ["4", "5"]),                # by CUDA_VISIBLE_DEVICES's own names
+])
+def test_the_servers_copy_takes_its_own_gpu_before_cuda_starts(monkeypatch, visible, count, server, clients):
+    from fora.federated import simulation
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    seen_at_init = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "init", lambda: seen_at_init.append(os.environ["CUDA_VISIBLE_DEVICES"]))
+    assert simulation.place_server_on_its_own_gpu() == clients
+    assert seen_at_init == ([server] if server else [])  # this process's CUDA sees the server's GPU alone
+    if server:  # what Ray, started afterwards in this process, is shown for the clients
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(clients)
+
+
+@pytest.mark.parametrize("flags, gpus, share", [([], [], 0.0), ([], ["0", "1"], 1.0), (["--client_gpus", "0.25"], ["0"], 0.25)])
+def test_each_simulated_client_reserves_its_gpu_share(monkeypatch, tmp_path, flags, gpus, share):
+    import flwr.simulation
+
+    from fora.federated import simulation
+    from fora.federated.run import parse
+
+    captured = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: captured.update(kwargs))
+    run = parse(["--output_dir", str(tmp_path), "--num_clients", "3", *flags])
+    simulation.simulate(run, [], gpus)
+    assert captured["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": share}
+    assert captured["backend_config"]["init_args"] == {"num_gpus": len(gpus)}
+    with pytest.raises(simulation.UserError, match="--client_gpus 0.5: no GPU is visible"):
+        simulation.simulate(parse(["--output_dir", str(tmp_path), "--client_gpus", "0.5"]), [], [])
