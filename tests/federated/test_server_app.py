@@ -241,6 +241,7 @@ def test_deployment_engine_on_loopback(tmp_path, tiny_model):
         assert json.loads((out / "fora_run.json").read_text())["federated"]["server_optimizer"] == "adamw"
         for site in (0, 1):  # the base model's loads, one per round
             assert site_log(site).count("site: base model loaded from") == 3, site_log(site)[-3000:]
+            assert "is_gradient_checkpointing` is deprecated" not in site_log(site)
     finally:
         stop_processes(started)
     assert all(p.poll() is not None for p in started)

@@ -34,6 +34,9 @@ def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_roun
     assert (out / "federated_eval_loss.png").stat().st_size > 0
     log = federated_run[1].stdout + federated_run[1].stderr
     assert "parameters are clipped by value: 1000" in log and "central DP noise with 0.0000 stdev added" in log
+    assert "is_gradient_checkpointing` is deprecated" not in log
+    # no noise, no privacy: the ledger says so every round
+    assert all(r["privacy"]["epsilon"] is None and r["privacy"]["delta"] == 1e-5 for r in rounds[1:])
 
 
 @pytest.mark.slow
@@ -219,3 +222,29 @@ def test_each_simulated_client_reserves_its_gpu_share(monkeypatch, tmp_path, fla
     assert captured["backend_config"]["init_args"] == {"num_gpus": len(gpus)}
     with pytest.raises(simulation.UserError, match="--client_gpus 0.5: no GPU is visible"):
         simulation.simulate(parse(["--output_dir", str(tmp_path), "--client_gpus", "0.5"]), [], [])
+
+
+@pytest.mark.slow
+def test_a_client_that_raises_in_a_live_simulation_is_named_and_the_round_goes_on(tmp_path, tiny_model):
+    """Client 1's file passes the checks before Flower starts but its tokenizing raises inside the running
+    simulation (two of its three answers are empty): the round goes on with client 0 (--min_fit_clients 1),
+    the history and the log name client 1 and its error, and the run saves its adapter."""
+    good = write_jsonl(tmp_path / "good.jsonl", train_records(6))
+    mostly_empty = write_jsonl(tmp_path / "mostly_empty.jsonl",
+                               [{**r, "output": ""} if i else r for i, r in enumerate(train_records(3, start=20))])
+    out = tmp_path / "out"
+    result = run_script(
+        PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--partition", "files",
+        "--client_files", f"{good},{mostly_empty}", "--min_fit_clients", "1", "--num_rounds", "1", "--local_steps", "1",
+        "--per_device_train_batch_size", "2", "--lora_rank", "4", "--max_source_length", "64", "--max_target_length", "16",
+        "--output_dir", str(out), "--report_to", "none", timeout=420, env=FLOWER_ENV,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    (entry,) = json.loads((out / "federated_history.json").read_text())["rounds"][1:]
+    assert [c["client"] for c in entry["clients"]] == [0]
+    (dropped,) = entry["dropped"]
+    assert dropped.startswith("client 1 failed: UserError: ") and "2 of 3 records have an empty response" in dropped
+    assert f"round 1: {dropped}" in log
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "is_gradient_checkpointing` is deprecated" not in log
