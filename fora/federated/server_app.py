@@ -13,6 +13,7 @@ from fora import metrics
 from fora.data.collator import PaddingCollator
 from fora.data.dataset import build_dataset
 from fora.data.formats import load_conversations
+from fora.federated import resume
 from fora.federated.run import (
     HISTORY_FILE,
     FederatedRun,
@@ -25,7 +26,6 @@ from fora.federated.run import (
     refuse_previous_run,
     server_argv,
 )
-from fora.federated import resume
 from fora.federated.strategy import AdapterAveraging, FederationFailed, PrivateAveraging, ServerAdamW
 from fora.infer import generate
 from fora.io import STAGING_PREFIX, write_json

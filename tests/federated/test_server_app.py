@@ -217,9 +217,10 @@ def test_deployment_engine_on_loopback(tmp_path, tiny_model):
         wait_for_supernodes(3, 120, env, started)
         server_flags = (f"--model_name_or_path {tiny_model} --num_clients 3 --min_fit_clients 2 --validation_file {validation} "
                         f"--report_to none")
-        refused = submit("--num_rounds 1 --local_steps 1 --lora_rank 4 --trust_remote_code", f"{server_flags} --output_dir {tmp_path / 'refused'}")
+        refused = submit("--num_rounds 1 --local_steps 1 --lora_rank 4 --trust_remote_code",
+                         f"{server_flags} --output_dir {tmp_path / 'refused'}")
         assert "client 0 failed: refused: the run config's flags set --trust_remote_code" in refused.stdout + refused.stderr
-        assert not (tmp_path / "refused" / "round-1").exists()
+        assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()  # no round changed the adapter
         for site in range(3):
             lines = [line for line in site_log(site).splitlines() if "refused the run" in line]
             assert len(lines) == 1 and "set --trust_remote_code," in lines[0], site_log(site)[-3000:]
