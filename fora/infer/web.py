@@ -44,7 +44,7 @@ def sidebar(args: ChatArguments, model: ChatModel) -> tuple[Settings, bool]:
             help="Answer every message twice: with the adapter on and switched off (needs --model_dir ADAPTER).",
         )
         history = st.session_state.setdefault("history", [])
-        st.button("Regenerate the last reply", on_click=lambda: st.session_state.update(regenerate=True), key="regenerate",
+        st.button("Regenerate the last reply", on_click=lambda: st.session_state.update(regenerate_last=True), key="regenerate",
                   disabled=not history)
         st.download_button(
             "Download the conversation", json.dumps(conversation_record(history, system or None), ensure_ascii=False) + "\n",
@@ -106,7 +106,7 @@ def main():
     settings, side_by_side = sidebar(args, model)
     history: list[Exchange] = st.session_state.setdefault("history", [])
     sides = [FINE_TUNED] + ([COMPARED] if model.compared else []) + ([BASE] if side_by_side else [])
-    if st.session_state.pop("regenerate", False) and history:
+    if st.session_state.pop("regenerate_last", False) and history:
         history[-1].settle()
         message = history.pop().user
     else:

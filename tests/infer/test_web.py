@@ -33,7 +33,7 @@ def page(monkeypatch, *flags: str):
 
 
 def contents(app) -> list[tuple[str, str]]:
-    return [(message.name, " ".join(m.value for m in message.markdown)) for message in app.chat_message]
+    return [(message.name, " ".join(m.value for m in message.text)) for message in app.chat_message]
 
 
 def test_page_two_turns_then_clear(monkeypatch, adapter):
@@ -65,6 +65,51 @@ def test_page_side_by_side(monkeypatch, adapter):
     app.toggle(key="side_by_side").set_value(False).run()
     app.chat_input[0].set_value("just one").run()
     assert [m.name for m in app.chat_message] == ["user", "assistant", "assistant", "user", "assistant"]
+
+
+def test_page_shows_replies_as_written_and_errors_in_the_bubble(monkeypatch, adapter):
+    """A reply of one triple per line keeps its lines (Markdown would join them and read `_` as emphasis);
+    a failed reply shows its error in one line in its bubble and stays out of the next prompt."""
+    from fora.infer import chat
+    from fora.infer.web import load_model
+
+    flags = ("--model_dir", str(adapter), "--max_new_tokens", "8")
+    app = page(monkeypatch, *flags)
+    model = load_model(flags)
+    written = "pump_部件故障_leaks\nvalve_组成_seal"
+
+    def reply_as_written(self, history, exchange, who, settings):
+        exchange.replies[who], exchange.notes[who] = written, []
+        yield written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(chat.ChatModel, "respond", reply_as_written)
+        app.chat_input[0].set_value("list the triples").run()
+    assert [t.value for t in app.chat_message[1].text] == [written] and not app.chat_message[1].markdown
+
+    def out_of_memory(**kwargs):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model.model, "generate", out_of_memory)
+        app.chat_input[0].set_value("and then?").run()
+    assert not app.exception
+    (error,) = app.chat_message[3].error
+    assert error.value == "error: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    prompt, _ = model.prompt(app.session_state["history"], "next", chat.FINE_TUNED, chat.Settings(8, 0.0, 1.0))
+    assert "and then?" not in model.tokenizer.decode(prompt)
+    app.button(key="regenerate").click().run()  # the failed reply, generated again
+    history = app.session_state["history"]
+    assert [e.user for e in history] == ["list the triples", "and then?"] and not history[1].errors
+    assert not app.chat_message[3].error and app.chat_message[3].text[0].value == history[1].replies["fine-tuned"]
+
+
+def test_page_side_by_side_with_a_second_adapter(monkeypatch, adapter):
+    app = page(monkeypatch, "--model_dir", str(adapter), "--compare_dir", str(adapter), "--max_new_tokens", "4", "--side_by_side")
+    app.chat_input[0].set_value("hello").run()
+    assert [m.name for m in app.chat_message] == ["user", "assistant", "assistant", "assistant"]
+    assert [m.caption[0].value for m in app.chat_message[1:]] == [
+        "Fine-tuned (adapter on)", f"Compared ({adapter})", "Base (adapter off)"]
 
 
 def test_page_without_adapter_has_no_base_side(monkeypatch, tiny_model):
