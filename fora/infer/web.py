@@ -43,16 +43,20 @@ def sidebar(args: ChatArguments, model: ChatModel) -> tuple[Settings, bool]:
             disabled=not model.has_adapter,
             help="Answer every message twice: with the adapter on and switched off (needs --model_dir ADAPTER).",
         )
-        history = st.session_state.setdefault("history", [])
+    return Settings(max_new_tokens, temperature, top_p, system or None), side_by_side
+
+
+def conversation_buttons(history: list[Exchange], settings: Settings) -> None:
+    """Under the settings, drawn once the page holds the whole conversation (the download carries it all)."""
+    with st.sidebar:
         st.button("Regenerate the last reply", on_click=lambda: st.session_state.update(regenerate_last=True), key="regenerate",
                   disabled=not history)
         st.download_button(
-            "Download the conversation", json.dumps(conversation_record(history, system or None), ensure_ascii=False) + "\n",
+            "Download the conversation", json.dumps(conversation_record(history, settings.system), ensure_ascii=False) + "\n",
             file_name="conversation.jsonl", mime="application/json", key="download", disabled=not history,
             help="One training record (sharegpt format) holding this conversation: a good one becomes training data.",
         )
         st.button("Clear the conversation", on_click=lambda: st.session_state.update(history=[]), key="clear")
-    return Settings(max_new_tokens, temperature, top_p, system or None), side_by_side
 
 
 def labels(model: ChatModel) -> dict[str, str]:
@@ -69,15 +73,17 @@ def show(exchange: Exchange, sides: list[str], model: ChatModel, answer: tuple[l
             if len(sides) > 1:
                 st.caption(labels(model)[side])
             shown = st.empty()
-            if answer:
-                earlier, settings = answer
-                stream(shown, model.respond(earlier, exchange, side, settings), exchange)
-            if side in exchange.errors:
-                shown.error(f"error: {exchange.errors[side]}")
-            else:
-                shown.text(exchange.replies.get(side) or "(no reply)")
-            for note in exchange.notes.get(side, []):
-                st.caption(note)
+            try:
+                if answer:
+                    earlier, settings = answer
+                    stream(shown, model.respond(earlier, exchange, side, settings), exchange)
+            finally:  # stopped too: Streamlit stops a page once, so the reply's end and its notes still show
+                if side in exchange.errors:
+                    shown.error(f"error: {exchange.errors[side]}")
+                else:
+                    shown.text(exchange.replies.get(side) or "(no reply)")
+                for note in exchange.notes.get(side, []):
+                    st.caption(note)
 
 
 def stream(shown, reply, exchange: Exchange) -> None:
@@ -120,4 +126,5 @@ def main():
         exchange = Exchange(message)
         history.append(exchange)  # before streaming, so an interrupted reply is kept with its message
         show(exchange, sides, model, (history[:-1], settings))
+    conversation_buttons(history, settings)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ONE_THREAD, REPO
+from support import ONE_THREAD, REPO, turns_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -271,6 +271,52 @@ def drive_the_page(page, port: int, tmp_path: Path) -> None:
     expect(messages).to_have_count(2)
     expect(box).to_be_enabled()
     assert len(content(1).split()) >= 3, "the words shown before the rerun are gone"
+
+    # The stop button that replaces send while a reply streams: the reply keeps what it had (marked stopped
+    # from the page's next run on: Streamlit draws nothing more in a stopped run).
+    send("and more")
+    page.wait_for_function(
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessageContent]');"
+        " return m.length == 4 && m[3].innerText.trim().split(/\\s+/).length >= 3; }"
+    )
+    page.get_by_role("button", name="Stop script").click()
+    expect(box).to_be_enabled()
+    assert len(content(3).split()) >= 3, "the words shown before the stop are gone"
+
+    # Two tabs, one model: the second tab's reply waits for the first's, says so, and its stop ends the
+    # wait at once, while the first tab's reply goes on.
+    other = page.context.browser.new_page(viewport={"width": 1280, "height": 800})
+    FinishedRuns(other).after(lambda: other.goto(f"http://127.0.0.1:{port}"), timeout=300)
+    send("tell me everything again")
+    page.wait_for_function(
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessageContent]');"
+        " return m.length == 6 && m[5].innerText.trim().split(/\\s+/).length >= 3; }"
+    )
+    other_box = other.get_by_test_id("stChatInputTextArea")
+    other_box.fill("hello")
+    other_box.press("Enter")
+    other.get_by_text("Waiting for the model").wait_for()
+    other.get_by_role("button", name="Stop script").click()
+    expect(other_box).to_be_enabled(timeout=10_000)  # the wait ended, not the first tab's reply
+    assert box.is_disabled(), "the first tab's reply should still be streaming"
+    other.close()
+    page.get_by_role("button", name="Stop script").click()
+    expect(box).to_be_enabled()
+
+    # A message keeps its line breaks (Shift+Enter), and the conversation downloads as a training record.
+    box.fill("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    run(lambda: box.press("Enter"))
+    assert content(6).strip() == "first line\nsecond line"
+    for stopped in (3, 5):
+        expect(messages.nth(stopped).get_by_text("stopped before the end of the reply")).to_be_visible()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the conversation").click()
+    saved = tmp_path / "conversation.jsonl"
+    download.value.save_as(saved)
+    assert [user for user, _ in turns_of(saved)[0][1]] == [
+        "tell me everything", "and more", "tell me everything again", "first line\nsecond line"]
 
     # Side by side, in a new session (a reload starts one, with the flags' settings).
     run(page.reload)
