@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -162,10 +163,9 @@ def wait_for_health(server: subprocess.Popen, url: str, log: Path, timeout: floa
     pytest.fail(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's Chromium at /usr/bin/chromium (scripts/setup.sh installs it as root)")
-def test_browser_chat(adapter, tmp_path):
-    """The page as a user drives it: two turns, clear, a reply held and kept across a rerun, side by side."""
+@contextmanager
+def chat_in_chromium(tmp_path: Path, *flags: str):
+    """web_demo.py served on 127.0.0.1 with FLAGS, and a Chromium page: (the page, the port). Both stop after."""
     playwright = pytest.importorskip("playwright.sync_api")
 
     port = free_port()
@@ -173,8 +173,7 @@ def test_browser_chat(adapter, tmp_path):
     with log.open("w") as output:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "web_demo.py", "--server.headless", "true",
-             "--server.address", "127.0.0.1", "--server.port", str(port),
-             "--", "--model_dir", str(adapter), "--max_new_tokens", "8"],
+             "--server.address", "127.0.0.1", "--server.port", str(port), "--", *flags],
             cwd=REPO, env={**os.environ, **ONE_THREAD}, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -186,7 +185,7 @@ def test_browser_chat(adapter, tmp_path):
                       "--disable-background-networking", "--disable-component-update", "--disable-sync"],
             )
             try:
-                drive_the_page(browser.new_page(viewport={"width": 1280, "height": 800}), port, tmp_path)
+                yield browser.new_page(viewport={"width": 1280, "height": 800}), port
             finally:
                 browser.close()
     finally:
@@ -197,6 +196,54 @@ def test_browser_chat(adapter, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
     assert "Traceback" not in log.read_text()
+
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="needs Debian's Chromium at /usr/bin/chromium (scripts/setup.sh installs it as root)"
+)
+
+
+@pytest.mark.slow
+@NEEDS_CHROMIUM
+def test_browser_chat(adapter, tmp_path):
+    """The page as a user drives it: two turns, clear, a reply held and kept across a rerun, the stop button,
+    two tabs, line breaks, the download, side by side."""
+    with chat_in_chromium(tmp_path, "--model_dir", str(adapter), "--max_new_tokens", "8") as (page, port):
+        drive_the_page(page, port, tmp_path)
+
+
+DEMO_ADAPTER = REPO / "output" / "demo" / "adapter"
+
+
+@pytest.mark.slow
+@NEEDS_CHROMIUM
+@pytest.mark.skipif(not (DEMO_ADAPTER / "adapter_config.json").is_file(), reason="needs the demo's adapter: bash scripts/demo.sh")
+def test_the_demo_fine_tune_answers_a_test_question_beside_its_base(tmp_path):
+    """The README's picture: the demo's fine-tune and its base answer the first question of data/test.json
+    side by side, greedy; the fine-tune's triples stay one per line. FORA_CHAT_PICTURE=docs/chat.png writes it."""
+    from playwright.sync_api import expect
+
+    from fora.data.formats import load_conversations
+
+    conversations, _ = load_conversations(str(REPO / "data" / "test.json"))
+    question = conversations[0].turns[0][0]
+    with chat_in_chromium(tmp_path, "--model_dir", str(DEMO_ADAPTER), "--side_by_side", "--temperature", "0",
+                          "--max_new_tokens", "64") as (page, port):
+        messages = page.get_by_test_id("stChatMessage")
+        run = FinishedRuns(page).after
+        page.set_default_timeout(300_000)
+        run(lambda: page.goto(f"http://127.0.0.1:{port}"), timeout=600)
+        box = page.get_by_test_id("stChatInputTextArea")
+        box.fill(question)
+        run(lambda: box.press("Enter"), timeout=600)
+        expect(messages).to_have_count(3)
+        fine_tuned = messages.nth(1).get_by_test_id("stChatMessageContent").inner_text()
+        assert "Fine-tuned (adapter on)" in fine_tuned
+        lines = [line for line in fine_tuned.splitlines() if line.count("_") >= 2]
+        assert len(lines) >= 2, fine_tuned  # one triple per line, as trained
+        page.screenshot(path=str(tmp_path / "chat.png"))
+    if os.environ.get("FORA_CHAT_PICTURE"):
+        shutil.copy(tmp_path / "chat.png", REPO / os.environ["FORA_CHAT_PICTURE"])
 
 
 class FinishedRuns:
