@@ -3,6 +3,7 @@ records for the round, and sends the adapter back with its number of examples an
 
 import os
 import tempfile
+import time
 import warnings
 
 import torch
@@ -83,13 +84,18 @@ class ClientTrainer(SupervisedTrainer):
 
 
 class Site:
-    """A client's base model with its adapter, tokenizer and template, loaded once per process and
-    reused every round (each round overwrites the adapter with the global one)."""
+    """A client's base model with its adapter, tokenizer and template, loaded once per process and reused
+    while the process lives (each round overwrites the adapter with the global one): across rounds in
+    simulation, whose Ray workers live as long as the run; for one round in deployment."""
 
     def __init__(self, run: FederatedRun):
         self.run = run
+        started = time.monotonic()
         self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run)
-        logger.info("site: base model loaded from %s (process %d)", self.model_path, os.getpid())
+        # Deployed, a site loads its base every round (Flower 1.42 starts a ClientApp process per message): the
+        # log says what that costs
+        logger.info("site: base model loaded from %s in %.1f s (process %d)", self.model_path, time.monotonic() - started,
+                    os.getpid())
         self.datasets: dict[str, object] = {}
 
     def dataset(self, path: str):
