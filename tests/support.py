@@ -7,12 +7,43 @@ Test modules import them with `from support import ...` (pyproject.toml puts tes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 PYTHON = shutil.which("python") or "python"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The suite asks the CPU path's questions (exactness whatever the number of processes, numbers recorded on a
+# CPU, its fallback lines), on a GPU machine too: CUDA is hidden from it and from every process it starts, and
+# DeepSpeed takes its CPU accelerator. The GPU path is scripts/gpu_check.sh's. (Set before torch looks.)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DS_ACCELERATOR"] = "cpu"
+GPU_MACHINE = shutil.which("nvidia-smi") is not None
+
+
+def launcher(name: str, processes: int) -> list[str]:
+    """The command starting `processes` CPU processes of a script: "torchrun", or "deepspeed" (the script gets
+    --deepspeed). The deepspeed launcher hands its processes devices 0..N-1 in CUDA_VISIBLE_DEVICES, which on
+    a GPU machine shows them the GPUs again; there torchrun starts DeepSpeed's processes, which it runs alike."""
+    bin_dir = Path(sys.executable).parent  # this environment's launchers, whatever PATH holds
+    if name == "deepspeed" and not GPU_MACHINE:
+        return [str(bin_dir / "deepspeed"), "--num_gpus", str(processes)]
+    return [str(bin_dir / "torchrun"), "--nproc_per_node", str(processes)]
+
+
+def processes_failure(command: list[str], result: subprocess.CompletedProcess) -> tuple[int, str]:
+    """The exit code of the processes `command` launched and their stderr. torchrun exits 1 whatever failed, and
+    appends a report of its own (its traceback, ending in ChildFailedError, then each rank's exit code)."""
+    if Path(command[0]).name != "torchrun":
+        return result.returncode, result.stderr
+    import re
+
+    own, *report = re.split(r'Traceback \(most recent call last\):\n  File "[^"]*/torchrun"', result.stderr, maxsplit=1)
+    codes = set(re.findall(r"exitcode\s*: (-?\d+)", "".join(report)))
+    return (int(codes.pop()) if len(codes) == 1 else result.returncode), own
+
 
 # One CPU thread for tests that run models: on a small shared machine, OpenMP threads spinning
 # against other processes made a forward pass up to 20x slower. Results do not depend on it.

@@ -1,6 +1,7 @@
 """fora/cli.py and the command lines users run: the doors in this process, the root scripts through the real launchers."""
 
 import json
+import shlex
 import shutil
 import socket
 import sys
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from fora.cli import PAGED_OPTIMIZER, with_paged_optimizer
 from fora.errors import UserError
 from fora.precision import cpu_has_bf16
-from support import ONE_THREAD, PYTHON, REPO, run_script, train_script, write_jsonl
+from support import ONE_THREAD, PYTHON, REPO, launcher, processes_failure, run_script, train_script, write_jsonl
 
 
 def train(tmp_path, model, *extra, output="out"):
@@ -43,6 +44,36 @@ def test_paged_optimizer_only_on_cuda(tmp_path):
     args = tmp_path / "args.yaml"
     args.write_text("optim: adafactor\n")
     assert with_paged_optimizer([str(args)], cuda=True) == [str(args)]
+
+
+@pytest.mark.parametrize("argv", [["--deepspeed", "ds_config.json"], ["--deepspeed=ds_config.json"], ["ARGS"]])
+def test_under_deepspeed_qlora_keeps_the_trainers_adamw(tmp_path, argv):
+    """ZeRO partitions the Trainer's AdamW across the GPUs; DeepSpeed calls bitsandbytes' optimizers untested."""
+    args = tmp_path / "args.yaml"
+    args.write_text("deepspeed: ds_config.json\n")
+    argv = [str(args) if arg == "ARGS" else arg for arg in argv]
+    assert with_paged_optimizer(argv, cuda=True) == argv
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit"])
+def test_the_8bit_optimizers_states_pass_the_resume_check(tmp_path, optimizer):
+    """What --optim adamw_bnb_8bit / paged_adamw_8bit leave in optimizer.pt after a step (bitsandbytes runs them
+    on the CPU too) is tensors and plain data, which resuming accepts."""
+    import bitsandbytes as bnb
+
+    from fora.train.checkpoints import check_checkpoint_holds_only_data
+
+    weight = torch.nn.Parameter(torch.randn(4096, 2))  # large enough for 8-bit states (bitsandbytes keeps small ones in 32-bit)
+    step = getattr(bnb.optim, optimizer)([weight], lr=1e-3)
+    weight.grad = torch.randn_like(weight)
+    step.step()
+    state = step.state_dict()
+    quantized = state["state"][0]["__bnb_optimizer_quant_state__"]  # its 8-bit moments and their scales
+    assert quantized["state1"].dtype == quantized["state2"].dtype == torch.uint8
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    torch.save(state, checkpoint / "optimizer.pt")
+    check_checkpoint_holds_only_data(checkpoint)
 
 
 @pytest.mark.usefixtures("keep_environment")
@@ -98,15 +129,13 @@ def test_seed_deepspeed_command(tiny_model, tmp_path):
     spo_subset(tmp_path, 40)
     out = tmp_path / "out"
     command = (
-        f"deepspeed --num_gpus 2 {REPO / 'train_qlora.py'} --train_file spo_0.json --model_name_or_path {tiny_model} "
+        f"{shlex.join(launcher('deepspeed', 2))} {REPO / 'train_qlora.py'} --train_file spo_0.json --model_name_or_path {tiny_model} "
         f"--output_dir {out} --prompt_column input --response_column output --cache_dir goat_cache --overwrite_cache "
         "--overwrite_output_dir --max_source_length 512 --max_target_length 512 --num_train_epochs 4 "
         "--gradient_accumulation_steps 4 --per_device_train_batch_size 1 --warmup_ratio 0.1 --lr_scheduler_type cosine "
         "--save_total_limit 1 --learning_rate 2e-5 --logging_steps 50 --save_steps 500 --lora_rank 2 --fp16 "
         "--torch_dtype float16 --preprocessing_num_workers 2 --deepspeed ds_config.json"
     )
-    deepspeed = REPO / ".venv" / "bin" / "deepspeed"
-    command = command.replace("deepspeed ", f"{deepspeed if deepspeed.exists() else 'deepspeed'} ", 1)
     result = run_script("bash", "-c", command, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert result.stdout.count("Base model loaded in 4-bit (NF4, double quantization)") == 1  # rank 0 logs
@@ -234,7 +263,7 @@ def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapte
     subset = first_records(tmp_path / "spo_0.json", 16)  # the seed's data has this format; 4 epochs end in a minute
     out = tmp_path / "ds_out"
     result = run_script(
-        "deepspeed", "--num_gpus", "2", "train_lora.py", "--train_file", str(subset),
+        *launcher("deepspeed", 2), "train_lora.py", "--train_file", str(subset),
         "--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--prompt_column", "input",
         "--response_column", "output", "--cache_dir", str(tmp_path / "goat_cache"), "--overwrite_cache",
         "--overwrite_output_dir", "--max_source_length", "512", "--max_target_length", "512",
@@ -246,12 +275,13 @@ def test_deepspeed_zero2_seed_command_two_processes(tmp_path, tiny_model, adapte
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr
-    assert "world_size=2" in log.replace("dist_world_size=2", "world_size=2")
     assert "--fp16 and --torch_dtype float16 ->" in log  # the one CPU fallback line
     results = json.loads((out / "train_results.json").read_text())
     assert results["global_step"] == 8  # 16 records x 4 epochs / (1 x 4 accumulation x 2 processes)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
-    assert len(list(out.glob("checkpoint-*"))) == 1  # --save_total_limit 1
+    (checkpoint,) = out.glob("checkpoint-*")  # --save_total_limit 1
+    ranks = sorted(p.name.split("zero_pp_rank_")[1][0] for p in checkpoint.glob("global_step8/*zero_pp_rank_*_optim_states.pt"))
+    assert ranks == ["0", "1"]  # ZeRO's optimizer states, partitioned over the 2 processes
     weights = load_file(str(out / "adapter_model.safetensors"))
     factors = {key.rsplit(".", 2)[-2] for key in weights}
     assert factors == ({"lora_A", "lora_B", "lora_C", "lora_D", "lora_E"} if adapter_flags else {"lora_A", "lora_B"})
@@ -274,7 +304,7 @@ def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
                                        "lora_target_modules": ["q_proj", "v_proj"], "modules_to_save": None}))
     out = tmp_path / "OUT"
     result = run_script(
-        "torchrun", "--nproc_per_node", "2", "train_lora.py", "--model_name_or_path", str(tiny_model),
+        *launcher("torchrun", 2), "train_lora.py", "--model_name_or_path", str(tiny_model),
         "--use_lora", "True", "--train_file", str(data / "train.json"), "--validation_file", str(data / "dev.json"),
         "--cache_dir", str(data), "--prompt_column", "input", "--response_column", "target",
         "--output_dir", str(out), "--overwrite_output_dir", "--max_source_length", "512",
@@ -296,8 +326,8 @@ def test_torchrun_seed_command_two_processes(tmp_path, tiny_model):
 SPLITS = {  # the same global batch of 4 records, split differently
     "one_process": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "4"],
     "accumulation": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"],
-    "torchrun": ["torchrun", "--nproc_per_node", "2", "train_lora.py", "--per_device_train_batch_size", "2"],
-    "deepspeed": ["deepspeed", "--num_gpus", "2", "train_lora.py", "--per_device_train_batch_size", "2",
+    "torchrun": [*launcher("torchrun", 2), "train_lora.py", "--per_device_train_batch_size", "2"],
+    "deepspeed": [*launcher("deepspeed", 2), "train_lora.py", "--per_device_train_batch_size", "2",
                   "--deepspeed", "ds_config.json"],
 }
 
@@ -432,9 +462,10 @@ def test_resuming_from_a_planted_checkpoint_stops_in_one_line(tiny_model, split_
     marker = folder / f"payload-ran-{split}"
     plant(out / "checkpoint-12" / planted, marker)
     _, result = train_split(folder, tiny_model, split, "--resume_from_checkpoint", "auto", output=out.name)
-    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{planted} is not only tensors and plain data (it unpickles io.open)" in result.stderr
-    assert "Traceback" not in result.stderr
+    exit_code, stderr = processes_failure(SPLITS[split], result)
+    assert exit_code == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{planted} is not only tensors and plain data (it unpickles io.open)" in stderr
+    assert "Traceback" not in stderr
     assert not marker.exists()
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import ONE_THREAD, REPO, run_script
+from support import ONE_THREAD, REPO, launcher, run_script
 
 GOLDEN = REPO / "tests" / "golden"
 RECORD = os.environ.get("FORA_RECORD_GOLDEN") == "1"
@@ -40,9 +40,9 @@ TRAINING = {  # name: launcher and flags; every run trains on global batches of 
     "fora": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "2", "--finetuning_type", "fora"],
     "qlora": [PYTHON, "train_qlora.py", "--per_device_train_batch_size", "2"],
     "full": [PYTHON, "train_lora.py", "--per_device_train_batch_size", "2", "--finetuning_type", "full"],
-    "lora_deepspeed_2": ["deepspeed", "--num_gpus", "2", "train_lora.py", "--per_device_train_batch_size", "1",
+    "lora_deepspeed_2": [*launcher("deepspeed", 2), "train_lora.py", "--per_device_train_batch_size", "1",
                          "--deepspeed", "ds_config.json"],
-    "lora_torchrun_2": ["torchrun", "--nproc_per_node", "2", "train_lora.py", "--per_device_train_batch_size", "1"],
+    "lora_torchrun_2": [*launcher("torchrun", 2), "train_lora.py", "--per_device_train_batch_size", "1"],
 }
 
 

@@ -27,6 +27,7 @@ CROSS_CUTTING = {
     "tests/test_bad_inputs.py": "the one-line errors a user sees, through the entry points",
     "tests/test_families.py": "the remote-code family matrix (train, predict, merge, prompt) on tests/fixtures",
     "tests/test_golden.py": "every path's numbers against the runs recorded in tests/golden",
+    "tests/test_scripts.py": "the shell scripts in scripts/ (set-up, the GPU check)",
     "tests/test_style.py": "this file",
 }
 

@@ -77,3 +77,26 @@ def test_8bit_path_loads_int8_layers(tiny_model):
     assert all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in layers)
     model = attach_adapter(model, FinetuningArguments(lora_rank=4))
     assert len([m for m in model.modules() if isinstance(m, LoraLayer)]) == BLOCK_LINEARS
+
+
+@pytest.mark.parametrize("local_rank, on_device, quantization_bit, expected", [
+    ("1", True, None, {"": "cuda:1"}), (None, True, None, {"": "cuda:0"}), ("1", False, 4, {"": "cuda:1"}),
+    ("1", False, None, None),
+])
+def test_on_cuda_a_model_loads_straight_onto_the_launchers_gpu(tiny_model, monkeypatch, local_rank, on_device,
+                                                               quantization_bit, expected):
+    """Prediction and chat (on_device) and a quantized base load onto this process's GPU (LOCAL_RANK), never into
+    host memory first; a model for the Trainer loads on the CPU, for the Trainer to place. CUDA is faked, so
+    transformers' loader is replaced by one that records what it was asked."""
+    from transformers import AutoModelForCausalLM
+
+    asked = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_loading, "quantization_config", lambda bits, dtype: f"{bits}-bit")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kwargs: asked.update(kwargs))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    load_model(str(tiny_model), torch.bfloat16, quantization_bit=quantization_bit, on_device=on_device)
+    assert asked.get("device_map") == expected and asked["dtype"] == torch.bfloat16

@@ -276,3 +276,56 @@ def test_two_concurrent_runs_match_a_solo_run(tmp_path, tiny_model, cache, unint
     for name in runs:
         assert_same_as_uninterrupted(tmp_path / name, uninterrupted)
     assert not list(scratch.iterdir())
+
+
+# --- DeepSpeed ZeRO-1/2: the saving rank writes what trains -------------------------------------------
+
+
+@pytest.mark.parametrize("internal", [False, True], ids=["final", "checkpoint"])
+def test_a_deepspeed_save_writes_only_the_adapter_without_gathering_the_whole_state(tmp_path, tiny_model, monkeypatch, internal):
+    """Under ZeRO-1/2 the Trainer's own save first copies the whole state dict, frozen base included, into host
+    memory on every rank (accelerate's get_state_dict); here the model writes its trainable tensors itself."""
+    import torch
+
+    from fora.args import TrainArguments
+    from fora.train.trainer import SupervisedTrainer
+    from support import adapted_model
+
+    model = adapted_model(tiny_model)
+    trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=str(tmp_path / "run"), report_to="none"))
+    trainer.is_deepspeed_enabled = True  # as Trainer sets it for a run with --deepspeed (ZeRO-2: not stage 3)
+    monkeypatch.setattr(trainer.accelerator, "get_state_dict", lambda *a, **k: pytest.fail("the whole state was gathered"))
+    out = tmp_path / "saved"
+    trainer.save_model(str(out), _internal_call=internal)
+    assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("model*.safetensors"))
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert len(saved) == len(trained) > 0
+    for name, tensor in saved.items():  # PEFT's saved names drop the adapter's name
+        torch.testing.assert_close(tensor, model.get_parameter(name.replace(".weight", ".default.weight")))
+
+
+def test_deepspeeds_fp16_optimizer_states_pass_the_resume_check(tmp_path):
+    """A ZeRO-2 optimizer file of an fp16 run, shaped as DeepSpeed writes it: its dynamic loss scaler, ZeRO stage
+    and fragment addresses besides tensors. (The CPU runs of the suite train in bf16 or float32: no scaler.)"""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    checkpoint = tmp_path / "checkpoint-5"
+    (checkpoint / "global_step5").mkdir(parents=True)
+    (checkpoint / "latest").write_text("global_step5")
+    states = {
+        "optimizer_state_dict": {
+            "loss_scaler": DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                             consecutive_hysteresis=False, raise_error_at_min_scale=True),
+            "dynamic_loss_scale": True, "overflow": False, "zero_stage": ZeroStageEnum.gradients,
+            "base_optimizer_state": [{"exp_avg": torch.zeros(8), "exp_avg_sq": torch.zeros(8), "step": torch.tensor(5.0)}],
+            "single_partition_of_fp32_groups": [torch.zeros(8)],
+        },
+        "param_slice_mappings": [{"lora_A": fragment_address(numel=8, start=0)}],
+        "ds_version": "0.19.8",
+    }
+    torch.save(states, checkpoint / "global_step5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    checkpoint_module.check_checkpoint_holds_only_data(checkpoint)

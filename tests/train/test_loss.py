@@ -256,3 +256,19 @@ def test_head_loss_gives_autograds_gradients_for_hidden_weight_and_bias(monkeypa
         loss = HeadCrossEntropy.apply(hidden, head.weight, None, targets, output.scale, output.softcap, False)
         want = torch.nn.functional.cross_entropy(model_logits(head.weight, None), targets, reduction="sum")
         assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_the_loss_takes_the_last_hidden_state_without_asking_for_every_layers(tiny_model, tokenizer):
+    """output_hidden_states would return every layer's states, which mixed precision converts to float32 one by
+    one (a copy of all activations, what gradient checkpointing avoids): the loss path never asks for them."""
+    model = adapted_model(tiny_model)
+    asked = []
+    model.get_base_model().register_forward_pre_hook(lambda module, args, kwargs: asked.append(kwargs), with_kwargs=True)
+    batch = random_batch(model.config.vocab_size, tokenizer.pad_token_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SupervisedTrainer(model=model, args=TrainArguments(output_dir=scratch, report_to="none"))
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert trainer.head_on_selected and len(asked) == 1
+    assert not asked[0].get("output_hidden_states") and not model.config.output_hidden_states
+    assert getattr(outputs, "hidden_states", None) is None
+    assert loss.item() == pytest.approx(full_logits_loss(model, batch).item(), abs=1e-5)

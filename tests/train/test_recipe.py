@@ -63,3 +63,45 @@ def test_clearing_a_previous_run_takes_its_checkpoints_and_logs_only(tmp_path):
     assert clear_previous_run(out, elsewhere) == 3  # logs outside the output folder are left alone
     assert clear_previous_run(out, out / "runs") == 1
     assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "notes.txt"] and elsewhere.is_dir()
+
+
+# --- on several GPUs ------------------------------------------------------------------------------------
+
+
+def test_one_process_on_several_gpus_is_refused_in_one_line():
+    """It would fall into torch's DataParallel, or on a 4-bit base run every GPU's batch on the first one."""
+    from fora.errors import UserError
+    from fora.train.recipe import refuse_data_parallel
+
+    for gpus, processes in ((0, 1), (1, 1), (4, 4), (4, 2)):
+        refuse_data_parallel(gpus, processes)
+    with pytest.raises(UserError) as error:
+        refuse_data_parallel(4, 1)
+    assert str(error.value) == ("this machine has 4 GPUs and the run is one process: launch it with torchrun "
+                                "--nproc_per_node 4 or deepspeed --num_gpus 4, or give it one GPU with CUDA_VISIBLE_DEVICES=0")
+
+
+def test_zero_buckets_are_sized_from_what_trains():
+    """ds_config.json leaves both buckets "auto": every trainable element in one bucket, never smaller than the
+    largest trained tensor, at most DeepSpeed's own 5e8 elements; a number the user wrote stays."""
+    import torch
+
+    from fora.train.recipe import ZERO_BUCKET_LIMIT, size_zero_buckets
+    from support import REPO
+
+    shipped = json.loads((REPO / "ds_config.json").read_text())["zero_optimization"]
+    assert shipped["reduce_bucket_size"] == shipped["allgather_bucket_size"] == "auto"
+
+    adapter = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False), torch.nn.Linear(8, 64, bias=False), torch.nn.Linear(64, 64))
+    adapter[2].requires_grad_(False)  # the frozen base
+    config = {"zero_optimization": {"reduce_bucket_size": "auto", "allgather_bucket_size": 1000}}
+    size_zero_buckets(config, adapter)
+    assert config["zero_optimization"] == {"reduce_bucket_size": 2 * 64 * 8, "allgather_bucket_size": 1000}
+
+    huge = torch.nn.Linear(30_000, 20_000, bias=False, device="meta")  # one tensor over DeepSpeed's default
+    config = {"zero_optimization": {"reduce_bucket_size": "auto", "allgather_bucket_size": "auto"}}
+    size_zero_buckets(config, huge)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 600_000_000 > ZERO_BUCKET_LIMIT
+    two_large = torch.nn.Sequential(*[torch.nn.Linear(20_000, 20_000, bias=False, device="meta") for _ in range(2)])
+    size_zero_buckets(config := {"zero_optimization": {"reduce_bucket_size": "auto"}}, two_large)
+    assert config["zero_optimization"]["reduce_bucket_size"] == ZERO_BUCKET_LIMIT
