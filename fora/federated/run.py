@@ -84,11 +84,11 @@ class FederatedRun:
         return Path(self.training.output_dir)
 
 
-SITE_TYPES = (ModelArguments, DataArguments, FinetuningArguments, TrainArguments, FederatedArguments)
+FLAG_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, TrainArguments, FederatedArguments)
 
 
 def parse(argv: list[str] | None) -> FederatedRun:
-    model_args, data_args, finetuning_args, training_args, federated_args = parse_args(SITE_TYPES, argv)
+    model_args, data_args, finetuning_args, training_args, federated_args = parse_args(FLAG_GROUPS, argv)
     check_method(finetuning_args, model_args.quantization_bit, training_args.gradient_checkpointing, bool(training_args.deepspeed),
                  federated=True)
     if training_args.lr_scheduler_type == "reduce_lr_on_plateau":
@@ -118,7 +118,7 @@ def site_argv(run_config: dict, node_config: dict) -> list[str]:
     flags = shlex.split(str(run_config.get(RUN_FLAGS, "")))
     if flags and not flags[0].startswith("-"):
         raise SiteRefusal(f"the run config's flags start with {flags[0]!r}: a site reads no argument file")
-    for name in settings_given(SITE_TYPES, flags):
+    for name in settings_given(FLAG_GROUPS, flags):
         if name not in SITE_SETTINGS:
             raise SiteRefusal(f"the run config's flags set --{name}, which this site's node config decides "
                               f"(a site takes training settings only)")
