@@ -64,18 +64,3 @@ def test_dirichlet_shares_follow_alpha_and_are_seeded():
     assert split_dirichlet(records, "site", 0.05, 3, seed=1) == skewed != split_dirichlet(records, "site", 0.05, 3, seed=2)
     assert purity(skewed) > 0.8 and purity(even) < 0.5
 
-
-def test_partition_flags_are_checked_in_one_line():
-    from fora.args import FederatedArguments
-    from fora.errors import UserError
-
-    for partition in ("dirichlet:0.5", "dirichlet:-1:site", "dirichlet:x:site", "random"):
-        try:
-            FederatedArguments(partition=partition)
-        except UserError as error:
-            assert "choose iid, dirichlet:ALPHA:NAME (ALPHA > 0), field:NAME or files" in str(error)
-        else:
-            raise AssertionError(partition)
-    assert FederatedArguments(partition="dirichlet:0.5:site").dirichlet() == (0.5, "site")
-    assert FederatedArguments(num_clients=10, fraction_train=0.3).min_fit_clients == 3
-    assert FederatedArguments(num_clients=10, fraction_train=0.3, min_fit_clients=5).clients_per_round() == 5
