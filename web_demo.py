@@ -11,8 +11,9 @@ fora/args/chat.py). The model loads once per server process and serves every tab
 repository folder, the server listens on 127.0.0.1 only (.streamlit/config.toml); add
 `--server.address 0.0.0.0` before `--` to open it to the network.
 
-A message cannot be sent while a reply streams (the input is held until it ends); anything else that
-reruns the page mid-reply (a sidebar change, Streamlit's Stop) keeps what was generated, marked stopped.
+While a reply streams, the message box's send button stops it; anything that reruns the page mid-reply
+(a sidebar change) also keeps what was generated, marked stopped. `--compare_dir B` puts a second adapter
+of the same base beside the first.
 """
 
 from fora.infer.web import main

@@ -49,6 +49,14 @@ class ChatArguments:
         },
     )
 
+    compare_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A second adapter trained on the same base as --model_dir: answer every message with both "
+            "adapters side by side (the base stays in memory once)."
+        },
+    )
+
     def __post_init__(self):
         if self.model_dir and "," in self.model_dir:
             raise UserError(f"--model_dir {self.model_dir}: give one adapter or model folder, not a list")

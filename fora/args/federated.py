@@ -31,20 +31,29 @@ class FederatedArguments:
     partition: str = field(
         default="iid",
         metadata={
-            "help": "How --train_file is split across clients: iid (shuffled with --seed, equal shares), field:NAME "
-            "(by the value of the record field NAME: every value goes whole to one client, so clients differ), "
-            "or files (each client's own file, from --client_files)."
+            "help": "How --train_file is split across clients: iid (shuffled with --seed, equal shares; Flower Datasets' "
+            "IidPartitioner), dirichlet:ALPHA:NAME (each value of the record field NAME spread over the clients in "
+            "Dirichlet(ALPHA) proportions, seeded; Flower Datasets' DirichletPartitioner: a small ALPHA gives clients "
+            "very different data), field:NAME (every value of the field NAME goes whole to one client, the largest "
+            "first to the client with the fewest records), or files (each client's own file, from --client_files)."
         },
     )
     client_files: str | None = field(
         default=None, metadata={"help": "Comma-separated data files, one per client, with --partition files."}
+    )
+    fraction_train: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the clients asked to train in each round, drawn at random without replacement "
+            "(Flower's FedAvg sampling; at least --min_fit_clients)."
+        },
     )
     min_fit_clients: int | None = field(
         default=None,
         metadata={
             "help": "Fewest clients whose update a round needs: a round starts once this many are connected, clients "
             "that fail or time out are named in the log and left out, and a round with fewer updates keeps the "
-            "previous global adapter. Default: all --num_clients."
+            "previous global adapter. Default: the clients a round asks (--fraction_train of --num_clients)."
         },
     )
     proximal_mu: float = field(
@@ -107,9 +116,29 @@ class FederatedArguments:
         default=None,
         metadata={"help": "Differential privacy: each client clips its update (its adapter minus the global one) to this L2 norm."},
     )
+    dp_delta: float = field(
+        default=1e-5,
+        metadata={"help": "Differential privacy: the delta at which the privacy spent (epsilon) is reported after every round."},
+    )
+    resume_from_round: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue a federated run in --output_dir from its last saved round (auto) or from round N: the "
+            "global adapter, the server optimizer's state, the privacy spent and the history; the clients' records "
+            "follow from the round number. Ends where the run would have ended uninterrupted."
+        },
+    )
     client_cpus: float = field(
         default=1.0,
         metadata={"help": "Simulation only: CPU cores reserved per simulated client; clients run in parallel as cores allow."},
+    )
+    client_gpus: float | None = field(
+        default=None,
+        metadata={
+            "help": "Simulation only: share of one GPU each simulated client reserves (0.5: two clients per GPU), so "
+            "clients spread over the visible GPUs as shares allow. Default: 1 with a GPU, 0 without. With two or "
+            "more GPUs the server's copy of the model keeps the last one to itself."
+        },
     )
 
     def __post_init__(self):
@@ -131,9 +160,11 @@ class FederatedArguments:
         elif self.client_files:
             raise UserError("--client_files goes with --partition files")
         elif self.partition != "iid" and not (self.partition.startswith("field:") and self.partition[len("field:"):]):
-            raise UserError(f"--partition {self.partition!r} is unknown; choose iid, field:NAME or files")
+            self.dirichlet()  # the last form left; refused in one line when it is not one either
+        if not 0 < self.fraction_train <= 1:
+            raise UserError(f"--fraction_train must be in (0, 1], got {self.fraction_train}")
         if self.min_fit_clients is None:
-            self.min_fit_clients = self.num_clients
+            self.min_fit_clients = self.clients_per_round()
         if not 1 <= self.min_fit_clients <= self.num_clients:
             raise UserError(f"--min_fit_clients must be between 1 and --num_clients {self.num_clients}, got {self.min_fit_clients}")
         if self.proximal_mu < 0:
@@ -157,8 +188,32 @@ class FederatedArguments:
             raise UserError("differential privacy needs both --dp_noise_multiplier and --dp_clipping_norm")
         if self.dp_noise_multiplier is not None and (self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0):
             raise UserError("--dp_noise_multiplier must not be negative and --dp_clipping_norm must be positive")
+        if not 0 < self.dp_delta < 1:
+            raise UserError(f"--dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.resume_from_round is not None and self.resume_from_round != "auto" and not self.resume_from_round.isdigit():
+            raise UserError(f"--resume_from_round is auto or a round number, got {self.resume_from_round!r}")
         if self.client_cpus <= 0:
             raise UserError(f"--client_cpus must be positive, got {self.client_cpus}")
+        if self.client_gpus is not None and self.client_gpus < 0:
+            raise UserError(f"--client_gpus must not be negative, got {self.client_gpus}")
+
+    def clients_per_round(self) -> int:
+        """How many clients a round asks to train: --fraction_train of them, at least --min_fit_clients (Flower's
+        FedAvg sampling: its fraction of the connected nodes, rounded down)."""
+        return max(int(self.num_clients * self.fraction_train), self.min_fit_clients or 1)
+
+    def dirichlet(self) -> tuple[float, str]:
+        """(ALPHA, NAME) of --partition dirichlet:ALPHA:NAME."""
+        kind, _, rest = self.partition.partition(":")
+        alpha, _, name = rest.partition(":")
+        try:
+            value = float(alpha)
+        except ValueError:
+            value = 0.0
+        if kind != "dirichlet" or value <= 0 or not name:
+            raise UserError(f"--partition {self.partition!r} is unknown; choose iid, dirichlet:ALPHA:NAME (ALPHA > 0), "
+                            "field:NAME or files")
+        return value, name
 
     def client_file_list(self) -> list[str]:
         return [name.strip() for name in (self.client_files or "").split(",") if name.strip()]

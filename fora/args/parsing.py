@@ -46,6 +46,15 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> list:
     return parsed
 
 
+def settings_given(dataclass_types, argv: list[str]) -> list[str]:
+    """The fields `argv` sets to other than their defaults (abbreviations and aliases resolved as parse_args
+    resolves them), then any flag no field knows, by name."""
+    given, unknown = _Parser(dataclass_types).parse_known_args(args=argv)
+    default, _ = _Parser(dataclass_types).parse_known_args(args=[])
+    changed = [name for name, value in vars(given).items() if value != getattr(default, name)]
+    return changed + [flag.lstrip("-").split("=")[0] for flag in unknown if flag.startswith("-")]
+
+
 def is_argument_file(argv: list[str]) -> bool:
     return bool(argv) and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-")
 

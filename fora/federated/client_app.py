@@ -1,13 +1,16 @@
 """The ClientApp: a site loads its base once per process, receives the global adapter, trains it on its own
 records for the round, and sends the adapter back with its number of examples and loss."""
 
+import os
 import tempfile
+import time
 import warnings
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fora.args import FederatedArguments
@@ -19,17 +22,17 @@ from fora.federated.run import (
     CONFIG,
     METRICS,
     NODE_DATA_FILE,
-    NODE_MODEL_PATH,
     NODE_PARTITION,
     NUM_EXAMPLES,
     FederatedRun,
+    SiteRefusal,
     adapter_state,
-    argv_from_run_config,
     load_adapted_model,
     load_adapter_state,
     logger,
     parse,
     quiet_training_args,
+    site_argv,
 )
 from fora.train.trainer import SupervisedTrainer
 
@@ -81,12 +84,18 @@ class ClientTrainer(SupervisedTrainer):
 
 
 class Site:
-    """A client's base model with its adapter, tokenizer and template, loaded once per process and
-    reused every round (each round overwrites the adapter with the global one)."""
+    """A client's base model with its adapter, tokenizer and template, loaded once per process and reused
+    while the process lives (each round overwrites the adapter with the global one): across rounds in
+    simulation, whose Ray workers live as long as the run; for one round in deployment."""
 
-    def __init__(self, run: FederatedRun, model_path: str | None):
+    def __init__(self, run: FederatedRun):
         self.run = run
-        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run, model_path)
+        started = time.monotonic()
+        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run)
+        # Deployed, a site loads its base every round (Flower 1.42 starts a ClientApp process per message): the
+        # log says what that costs
+        logger.info("site: base model loaded from %s in %.1f s (process %d)", self.model_path, time.monotonic() - started,
+                    os.getpid())
         self.datasets: dict[str, object] = {}
 
     def dataset(self, path: str):
@@ -141,38 +150,50 @@ def local_training_args(training, fed: FederatedArguments, work_dir: str, server
 _sites: dict[tuple, Site] = {}  # per process: the simulation reuses its workers across rounds and clients
 
 
-def site_for(run: FederatedRun, argv: list[str], model_path: str | None) -> Site:
-    key = (tuple(argv), model_path)
+def site_for(run: FederatedRun, argv: list[str]) -> Site:
+    key = tuple(argv)
     if key not in _sites:
         _sites.clear()  # one base model per process
-        _sites[key] = Site(run, model_path)
+        _sites[key] = Site(run)
     return _sites[key]
 
 
 def make_client_app(argv: list[str] | None = None):
-    """The ClientApp. `argv`: the flags (simulation); None: read them from the run config (deployment)."""
+    """The ClientApp. `argv`: the flags (simulation: one user runs the server and every client); None: a
+    deployed site, whose flags are the run config's training settings and its own node config."""
     app = ClientApp(mods=[clip_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        flags = argv if argv is not None else argv_from_run_config(context.run_config)
         node = context.node_config
         client = int(node.get(NODE_PARTITION, 0))
         try:
+            flags = argv if argv is not None else site_argv(context.run_config, node)
             run = parse(flags)
-            data_file = node.get(NODE_DATA_FILE) or simulated_client_file(run, client)
-            site = site_for(run, flags, node.get(NODE_MODEL_PATH))
+            data_file = simulated_client_file(run, client) if argv is not None else site_data_file(node)
+            site = site_for(run, flags)
             config = msg.content[CONFIG]
             state, num_examples, loss = site.train(
                 msg.content[ARRAYS].to_torch_state_dict(), str(data_file), int(config["server-round"]),
                 float(config.get("proximal-mu", 0.0)),
             )
+        except SiteRefusal as refusal:  # the site's choice, not a failure: one line in its log, the reason in the reply
+            logger.error("client %d: refused the run: %s", client, refusal)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"client {client}: refused: {refusal}"),
+                           reply_to=msg)
         except Exception as error:  # the server's log names the client; the chain keeps the traceback
             raise ClientFailed(f"client {client}: {type(error).__name__}: {error}") from error
         reply = MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": float(loss), "client": client})
         return Message(RecordDict({ARRAYS: ArrayRecord(state), METRICS: reply}), reply_to=msg)
 
     return app
+
+
+def site_data_file(node_config: dict) -> str:
+    """A deployed site's data file, from its node config alone."""
+    if not node_config.get(NODE_DATA_FILE):
+        raise SiteRefusal(f"the node config has no {NODE_DATA_FILE} (the site's training data)")
+    return str(node_config[NODE_DATA_FILE])
 
 
 def clip_when_asked(msg, context, call_next):

@@ -2,7 +2,6 @@
 own file), and a client's records per round, one stream of shuffled passes across rounds."""
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -39,8 +38,11 @@ def client_data_files(run: FederatedRun) -> list[str]:
                         "every client needs at least one")
     if fed.partition == "iid":
         shares = split_iid(len(records), fed.num_clients, run.training.seed)
-    else:
+    elif fed.partition.startswith("field:"):
         shares = split_by_field(records, fed.partition[len("field:"):], fed.num_clients)
+    else:
+        alpha, name = fed.dirichlet()
+        shares = split_dirichlet(records, name, alpha, fed.num_clients, run.training.seed)
     folder = run.output_dir / PARTITION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     files = []
@@ -59,20 +61,52 @@ def simulated_client_file(run: FederatedRun, client: int) -> str:
 
 
 def split_iid(num_records: int, num_clients: int, seed: int) -> list[list[int]]:
-    """Record indices shuffled with `seed` and dealt into `num_clients` shares whose sizes differ by at most one."""
-    order = list(range(num_records))
-    random.Random(seed).shuffle(order)
-    return [sorted(order[client::num_clients]) for client in range(num_clients)]
+    """Record indices shuffled with `seed` and cut into `num_clients` shares whose sizes differ by at most one
+    (Flower Datasets' IidPartitioner over the shuffled records)."""
+    from flwr_datasets.partitioner import IidPartitioner
+
+    partitioner = IidPartitioner(num_partitions=num_clients)
+    partitioner.dataset = _indices(num_records).shuffle(seed=seed)
+    return [sorted(partitioner.load_partition(client)["index"]) for client in range(num_clients)]
+
+
+def split_dirichlet(records, name: str, alpha: float, num_clients: int, seed: int) -> list[list[int]]:
+    """Record indices spread so that each value of field `name` goes to the clients in Dirichlet(alpha)
+    proportions (Flower Datasets' DirichletPartitioner, seeded), every client with at least one record."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    labels = [json.dumps(_field(record, name, f"dirichlet:{alpha:g}:{name}"), ensure_ascii=False, sort_keys=True)
+              for record in records]
+    partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha, min_partition_size=1,
+                                       self_balancing=False, shuffle=True, seed=seed)
+    partitioner.dataset = _indices(len(records)).add_column("label", labels)
+    try:
+        return [sorted(partitioner.load_partition(client)["index"]) for client in range(num_clients)]
+    except ValueError as error:  # it draws again while a client is left empty, then gives up
+        raise UserError(f"--partition dirichlet:{alpha:g}:{name}: {len(records)} records left a client empty in every "
+                        f"draw ({error}); raise ALPHA or use fewer clients") from None
+
+
+def _indices(count: int):
+    import datasets
+
+    return datasets.Dataset.from_dict({"index": list(range(count))})
+
+
+def _field(record, name: str, partition: str):
+    if name not in record.value:
+        raise UserError(f"{record.where}: no field {name!r} (needed by --partition {partition})")
+    return record.value[name]
 
 
 def split_by_field(records, name: str, num_clients: int) -> list[list[int]]:
     """Record indices grouped by the value of field `name`; each group goes whole to one client (the
-    largest group first, to the client with the fewest records so far), so clients see different data."""
+    largest group first, to the client with the fewest records so far), so clients see different data. (Flower
+    Datasets' NaturalIdPartitioner makes one client per value; this groups values when they outnumber the clients.)"""
     groups: dict[str, list[int]] = {}
     for index, record in enumerate(records):
-        if name not in record.value:
-            raise UserError(f"{record.where}: no field {name!r} (needed by --partition field:{name})")
-        groups.setdefault(json.dumps(record.value[name], ensure_ascii=False, sort_keys=True), []).append(index)
+        value = _field(record, name, f"field:{name}")
+        groups.setdefault(json.dumps(value, ensure_ascii=False, sort_keys=True), []).append(index)
     if len(groups) < num_clients:
         raise UserError(f"--partition field:{name}: the field has {len(groups)} distinct values, fewer than "
                         f"--num_clients {num_clients}")

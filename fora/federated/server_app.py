@@ -8,25 +8,25 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from fora import metrics
 from fora.data.collator import PaddingCollator
 from fora.data.dataset import build_dataset
 from fora.data.formats import load_conversations
+from fora.federated import resume
 from fora.federated.run import (
     HISTORY_FILE,
     FederatedRun,
     adapter_state,
-    argv_from_run_config,
     load_adapted_model,
     load_adapter_state,
     logger,
     parse,
     quiet_training_args,
     refuse_previous_run,
+    server_argv,
 )
-from fora.federated.strategy import AdapterAveraging, FederationFailed, ServerAdamW
+from fora.federated.strategy import AdapterAveraging, FederationFailed, PrivateAveraging, ServerAdamW
 from fora.infer import generate
 from fora.io import STAGING_PREFIX, write_json
 from fora.models.tokenizer import save_base_tokenizer
@@ -40,7 +40,7 @@ class GlobalAdapter:
 
     def __init__(self, run: FederatedRun):
         self.run = run
-        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run, None)
+        self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run)
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
         self.evaluator = None
         if run.data.validation_file:
@@ -150,32 +150,45 @@ class History:
 
 
 def serve(grid, argv: list[str]) -> None:
-    """The ServerApp's body: initial adapter, the rounds, a saved and evaluated adapter after each."""
+    """The ServerApp's body: initial adapter, the rounds, a saved and evaluated adapter after each (and what a
+    resumed run needs, fora.federated.resume)."""
     run = parse(argv)
     fed = run.federated
-    refuse_previous_run(run)
+    done = resume.round_to_resume(run.output_dir, fed.resume_from_round, fed.num_rounds) if fed.resume_from_round else 0
+    if not done:
+        refuse_previous_run(run)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     server = GlobalAdapter(run)
     history = History(run.output_dir, server.base_bytes)
     initial = adapter_state(server.model)
     averaging = AdapterAveraging(fed.min_fit_clients, fed.proximal_mu, fed.server_learning_rate, fed.server_momentum,
-                                 ServerAdamW(run.training, fed, initial) if fed.server_optimizer == "adamw" else None)
-    strategy = averaging
-    if fed.dp_noise_multiplier is not None:
-        strategy = DifferentialPrivacyClientSideFixedClipping(
-            averaging, fed.dp_noise_multiplier, fed.dp_clipping_norm, num_sampled_clients=fed.num_clients
-        )
+                                 ServerAdamW(run.training, fed, initial) if fed.server_optimizer == "adamw" else None,
+                                 fed.fraction_train)
+    strategy = averaging if fed.dp_noise_multiplier is None else PrivateAveraging(averaging, fed)
+    ledger = strategy.ledger if isinstance(strategy, PrivateAveraging) else None
+    if done:
+        saved = resume.load_round(run.output_dir, done)
+        resume.restore(saved, averaging, ledger)
+        initial, history.record = saved.adapter, saved.record["history"]
+        logger.info("Resuming after round %d of %d from %s", done, fed.num_rounds, run.output_dir / f"round-{done}")
     logger.info("Global adapter: %d tensors, %d bytes; the base model stays at every site (%d bytes)",
                 len(initial), ArrayRecord(initial).count_bytes(), server.base_bytes)
+    latest = {"state": initial}
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        state = arrays.to_torch_state_dict()
+    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + done  # Flower counts a resumed run's rounds from 1
+        if flower_round == 0 and done:
+            return None  # round `done` was saved and scored before the stop
+        state = latest["state"] = arrays.to_torch_state_dict()
+        folder = run.output_dir / f"round-{server_round}"
         if server_round:
-            (run.output_dir / f"round-{server_round}").mkdir(exist_ok=True)
-            server.save(run.output_dir / f"round-{server_round}", state, server_round)
+            folder.mkdir(exist_ok=True)
+            server.save(folder, state, server_round)
         scores = server.evaluate(state)
         entry = {"round": server_round, **scores, **averaging.rounds.get(server_round, {})}
         history.add(entry)
+        if server_round:
+            resume.save_round(folder, server_round, state, averaging, ledger, history.record)
         logger.info("round %d: %s", server_round, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "no --validation_file")
         for client in entry.get("clients", []):
             logger.info("round %d: client %d trained on %d examples (loss %.4f), received %d and sent %d bytes "
@@ -183,17 +196,17 @@ def serve(grid, argv: list[str]) -> None:
                         client["train_loss"], client["download_bytes"], client["upload_bytes"], server.base_bytes)
         return MetricRecord(scores)
 
-    result = strategy.start(
+    strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
-        num_rounds=fed.num_rounds,
+        num_rounds=fed.num_rounds - done,
         timeout=fed.round_timeout,
         evaluate_fn=end_of_round,
     )
     failure = averaging.no_update_reason()
-    if failure:  # the initial adapter must not pass for a trained one
+    if failure and not done:  # the initial adapter must not pass for a trained one
         raise FederationFailed(failure)
-    server.save(run.output_dir, result.arrays.to_torch_state_dict(), fed.num_rounds)
+    server.save(run.output_dir, latest["state"], fed.num_rounds)
     logger.info("Global adapter saved to %s (one per round in %s/round-N); history: %s",
                 run.output_dir, run.output_dir, run.output_dir / HISTORY_FILE)
 
@@ -204,7 +217,7 @@ def make_server_app(argv: list[str] | None = None):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, argv if argv is not None else argv_from_run_config(context.run_config))
+        serve(grid, argv if argv is not None else server_argv(context.run_config))
 
     return app
 

@@ -5,7 +5,7 @@ import readline  # noqa: F401  (line editing and history for input())
 
 from fora.args import ChatArguments, parse_args
 from fora.errors import UserError
-from fora.infer.chat import BASE, FINE_TUNED, ChatModel, Exchange, Settings
+from fora.infer.chat import BASE, COMPARED, FINE_TUNED, ChatModel, Exchange, Settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> None:
     model = ChatModel(args)
     if args.side_by_side and not model.has_adapter:
         raise UserError("--side_by_side needs --model_dir ADAPTER: the base side is the model with the adapter off")
-    sides = [FINE_TUNED, BASE] if args.side_by_side else [FINE_TUNED]
-    labels = {FINE_TUNED: "Fine-tuned", BASE: "Base"} if args.side_by_side else {FINE_TUNED: "Assistant"}
+    sides = [FINE_TUNED] + ([COMPARED] if model.compared else []) + ([BASE] if args.side_by_side else [])
+    labels = {FINE_TUNED: "Fine-tuned" if len(sides) > 1 else "Assistant", BASE: "Base", COMPARED: f"Compared ({model.compared})"}
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.system)
     print(f"Chatting with {model.description}.")
     print("Type a message; 'clear' starts over, 'exit' quits, Ctrl-C stops a reply.")
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
             except KeyboardInterrupt:  # the reply so far is kept, marked stopped
                 stopped = True
             print()
+            if side in exchange.errors:
+                print(f"(error: {exchange.errors[side]})")
             for note in exchange.notes.get(side, []):
                 print(f"({note})")
             if stopped:

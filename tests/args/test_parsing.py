@@ -81,3 +81,13 @@ def test_argument_file_errors(tmp_path):
 )
 def test_bad_flag_values(out, flags, expected):
     assert flag_error(out, *flags) == expected
+
+
+def test_settings_given_names_what_a_flag_list_changes_abbreviations_and_aliases_resolved():
+    from fora.args import FinetuningArguments, ModelArguments
+    from fora.args.parsing import settings_given
+
+    groups = (ModelArguments, FinetuningArguments)
+    assert sorted(settings_given(groups, ["--lora_rank", "4", "--trust_remote"])) == ["lora_rank", "trust_remote_code"]
+    assert settings_given(groups, ["--trust_remote_code", "false"]) == []  # its default: nothing changed
+    assert settings_given(groups, ["--no_such_flag", "1", "--other=2"]) == ["no_such_flag", "other"]

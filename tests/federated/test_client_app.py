@@ -30,7 +30,7 @@ def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the
             "--server_optimizer", "adamw", "--client_learning_rate", str(client_lr), "--learning_rate", "1e-3",
             "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--max_grad_norm", "0.01", "--seed", str(seed),
             "--lora_rank", "4", "--torch_dtype", "float32", "--report_to", "none"]
-    site = Site(parse(argv), None)
+    site = Site(parse(argv))
     with torch.no_grad():  # an adapter away from its initial zeros, so every factor has a gradient
         generator = torch.Generator().manual_seed(3)
         for p in site.model.parameters():

@@ -43,3 +43,24 @@ def test_partitions_are_seeded_disjoint_and_by_field_keep_each_value_on_one_clie
     for share in shares:
         sites = {records[i].value["site"] for i in share}
         assert all(records[i].value["site"] not in sites for other in shares if other is not share for i in other)
+
+
+def test_dirichlet_shares_follow_alpha_and_are_seeded():
+    """--partition dirichlet:ALPHA:NAME (Flower Datasets' DirichletPartitioner): every record once, every client
+    at least one, the same draw for the same seed; a small ALPHA concentrates each value on few clients."""
+    from fora.data.records import Record
+    from fora.federated.partition import split_dirichlet
+
+    records = [Record(f"f: line {i}", {"site": "abcd"[i % 4]}) for i in range(80)]
+
+    def purity(shares) -> float:  # the mean share of a client's records that carry its most common value
+        counts = [[sum(records[i].value["site"] == v for i in share) for v in "abcd"] for share in shares]
+        return sum(max(c) / sum(c) for c in counts) / len(counts)
+
+    skewed = split_dirichlet(records, "site", 0.05, 3, seed=1)
+    even = split_dirichlet(records, "site", 1000.0, 3, seed=1)
+    for shares in (skewed, even):
+        assert sorted(i for s in shares for i in s) == list(range(80)) and all(shares)
+    assert split_dirichlet(records, "site", 0.05, 3, seed=1) == skewed != split_dirichlet(records, "site", 0.05, 3, seed=2)
+    assert purity(skewed) > 0.8 and purity(even) < 0.5
+

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fora.federated.run import adapter_state, parse
 from fora.federated.server_app import GlobalAdapter
-from support import FLOWER_ENV, ONE_THREAD, PYTHON, REPO, run_script, train_records, write_jsonl
+from support import FLOWER_ENV, ONE_THREAD, PYTHON, REPO, free_port, run_script, train_records, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,14 +105,6 @@ def test_the_global_adapter_is_saved_per_round_as_training_saves_it_and_scored(t
 # --- The deployment engine, for real on loopback: one SuperLink, two SuperNodes --------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for_port(port: int, seconds: float, processes: list) -> None:
     import socket
 
@@ -171,10 +163,13 @@ def wait_for_supernodes(count: int, seconds: float, env: dict, processes: list) 
 
 
 @pytest.mark.slow
-def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
-    """Three sites on loopback; site 2's node config names a data file it does not have, so its client
-    raises in every round: the log names it and each round goes on with the two others (--min_fit_clients 2).
-    The server steps with AdamW (FedOpt), so its wiring runs for real here; the simulation above runs FedAvg."""
+def test_deployment_engine_on_loopback(tmp_path, tiny_model):
+    """Three sites on loopback. A run whose flags ask the sites to trust remote code is refused by each
+    site, one line in its log naming the flag, and the server's error names it too. Then a run of three
+    rounds: site 2's node config names a data file it does not have, so its client raises in every round;
+    the log names it and each round goes on with the two others (--min_fit_clients 2); every site loads
+    its base once per round (Flower 1.42 starts a ClientApp process per message). The server steps with
+    AdamW (FedOpt), so its wiring runs for real here; the simulations run FedAvg."""
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -193,6 +188,16 @@ def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
             started.append(subprocess.Popen([str(bin_dir / command[0]), *command[1:]], stdout=log, stderr=subprocess.STDOUT,
                                             env=env, cwd=tmp_path, start_new_session=True))
 
+    def submit(flags: str, server_flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(REPO / "federated_app"), "test", "--stream", "--run-config",
+             f'flags="{flags}" server-flags="{server_flags}"'],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480, check=False,
+        )
+
+    def site_log(site: int) -> str:
+        return (tmp_path / f"supernode-{site}.log").read_text()
+
     try:
         start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
               "--disable-runtime-dependency-installation")
@@ -200,27 +205,36 @@ def test_deployment_engine_runs_two_rounds_on_loopback(tmp_path, tiny_model):
         for site, (data_file, port) in enumerate(zip(sites, node_ports)):
             start(f"supernode-{site}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                   "--port", str(port), "--node-config",
-                  f"partition-id={site} num-partitions=3 data-file='{data_file}' model-path='{tiny_model}'")
+                  f"partition-id={site} num-partitions=3 data-file='{data_file}' model-path='{tiny_model}' device='cpu'")
         wait_for_supernodes(3, 120, env, started)
-        flags = (f"--model_name_or_path {tiny_model} --num_clients 3 --min_fit_clients 2 --num_rounds 2 --local_steps 2 "
-                 f"--server_optimizer adamw --client_learning_rate 0.1 "
-                 f"--per_device_train_batch_size 4 --learning_rate 5e-3 --lora_rank 4 --max_source_length 64 "
-                 f"--max_target_length 32 --validation_file {validation} --output_dir {out} --report_to none")
-        result = subprocess.run(
-            [str(bin_dir / "flwr"), "run", str(REPO / "federated_app"), "test", "--stream", "--run-config", f'flags="{flags}"'],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480, check=False,
-        )
+        server_flags = (f"--model_name_or_path {tiny_model} --num_clients 3 --min_fit_clients 2 --validation_file {validation} "
+                        f"--report_to none")
+        refused = submit("--num_rounds 1 --local_steps 1 --lora_rank 4 --trust_remote_code",
+                         f"{server_flags} --output_dir {tmp_path / 'refused'}")
+        assert "client 0 failed: refused: the run config's flags set --trust_remote_code" in refused.stdout + refused.stderr
+        assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()  # no round changed the adapter
+        for site in range(3):
+            lines = [line for line in site_log(site).splitlines() if "refused the run" in line]
+            assert len(lines) == 1 and "set --trust_remote_code," in lines[0], site_log(site)[-3000:]
+        assert all("Traceback" not in site_log(site) for site in range(3))
+
+        flags = ("--num_rounds 3 --local_steps 2 --server_optimizer adamw --client_learning_rate 0.1 "
+                 "--per_device_train_batch_size 4 --learning_rate 5e-3 --lora_rank 4 --max_source_length 64 --max_target_length 32")
+        result = submit(flags, f"{server_flags} --output_dir {out}")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         history = json.loads((out / "federated_history.json").read_text())
-        assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
-        assert [[c["num_examples"] for c in r["clients"]] for r in history["rounds"][1:]] == [[10, 10], [10, 10]]
+        assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
+        assert [[c["num_examples"] for c in r["clients"]] for r in history["rounds"][1:]] == [[10, 10]] * 3
         for entry in history["rounds"][1:]:
             (dropped,) = entry["dropped"]
             assert dropped.startswith("client 2 failed: ") and "missing.jsonl" in dropped, dropped
         assert f"round 1: {history['rounds'][1]['dropped'][0]}" in result.stdout + result.stderr
-        assert history["rounds"][2]["eval_loss"] < history["rounds"][0]["eval_loss"]
-        assert (out / "round-2" / "adapter_model.safetensors").is_file()
+        assert history["rounds"][3]["eval_loss"] < history["rounds"][0]["eval_loss"]
+        assert (out / "round-3" / "adapter_model.safetensors").is_file()
         assert json.loads((out / "fora_run.json").read_text())["federated"]["server_optimizer"] == "adamw"
+        for site in (0, 1):  # the base model's loads, one per round
+            assert site_log(site).count("site: base model loaded from") == 3, site_log(site)[-3000:]
+            assert "is_gradient_checkpointing` is deprecated" not in site_log(site)
     finally:
         stop_processes(started)
     assert all(p.poll() is not None for p in started)

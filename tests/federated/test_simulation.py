@@ -1,6 +1,7 @@
 """fora/federated/simulation.py (train_federated.py): real simulations whose adapters predict and merge; bad input before Flower."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -33,6 +34,9 @@ def test_two_clients_two_rounds_lower_the_eval_loss_and_save_an_adapter_per_roun
     assert (out / "federated_eval_loss.png").stat().st_size > 0
     log = federated_run[1].stdout + federated_run[1].stderr
     assert "parameters are clipped by value: 1000" in log and "central DP noise with 0.0000 stdev added" in log
+    assert "is_gradient_checkpointing` is deprecated" not in log
+    # no noise, no privacy: the ledger says so every round
+    assert all(r["privacy"]["epsilon"] is None and r["privacy"]["delta"] == 1e-5 for r in rounds[1:])
 
 
 @pytest.mark.slow
@@ -176,3 +180,71 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model):
                         "data/train.json", "--num_rounds", "0", "--output_dir", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --num_rounds must be at least 1, got 0"]
+
+
+# --- GPUs: the clients' shares and the server's own GPU (CUDA faked; the logic runs on any machine) ------------
+
+
+@pytest.mark.parametrize("visible, count, server, clients", [
+    (None, 0, None, []),                          # no GPU: everyone on the CPU
+    (None, 1, None, ["0"]),                       # one GPU: the server and the clients share it
+    (None, 4, "3", ["0", "1", "2"]),              # the server keeps the last GPU to itself
+    ("4,5,7", 3, "7", ["4", "5"]),                # by CUDA_VISIBLE_DEVICES's own names
+])
+def test_the_servers_copy_takes_its_own_gpu_before_cuda_starts(monkeypatch, visible, count, server, clients):
+    from fora.federated import simulation
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    seen_at_init = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "init", lambda: seen_at_init.append(os.environ["CUDA_VISIBLE_DEVICES"]))
+    assert simulation.place_server_on_its_own_gpu() == clients
+    assert seen_at_init == ([server] if server else [])  # this process's CUDA sees the server's GPU alone
+    if server:  # what Ray, started afterwards in this process, is shown for the clients
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(clients)
+
+
+@pytest.mark.parametrize("flags, gpus, share", [([], [], 0.0), ([], ["0", "1"], 1.0), (["--client_gpus", "0.25"], ["0"], 0.25)])
+def test_each_simulated_client_reserves_its_gpu_share(monkeypatch, tmp_path, flags, gpus, share):
+    import flwr.simulation
+
+    from fora.federated import simulation
+    from fora.federated.run import parse
+
+    captured = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: captured.update(kwargs))
+    run = parse(["--output_dir", str(tmp_path), "--num_clients", "3", *flags])
+    simulation.simulate(run, [], gpus)
+    assert captured["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": share}
+    assert captured["backend_config"]["init_args"] == {"num_gpus": len(gpus)}
+    with pytest.raises(simulation.UserError, match="--client_gpus 0.5: no GPU is visible"):
+        simulation.simulate(parse(["--output_dir", str(tmp_path), "--client_gpus", "0.5"]), [], [])
+
+
+@pytest.mark.slow
+def test_a_client_that_raises_in_a_live_simulation_is_named_and_the_round_goes_on(tmp_path, tiny_model):
+    """Client 1's file passes the checks before Flower starts but its tokenizing raises inside the running
+    simulation (two of its three answers are empty): the round goes on with client 0 (--min_fit_clients 1),
+    the history and the log name client 1 and its error, and the run saves its adapter."""
+    good = write_jsonl(tmp_path / "good.jsonl", train_records(6))
+    mostly_empty = write_jsonl(tmp_path / "mostly_empty.jsonl",
+                               [{**r, "output": ""} if i else r for i, r in enumerate(train_records(3, start=20))])
+    out = tmp_path / "out"
+    result = run_script(
+        PYTHON, "train_federated.py", "--model_name_or_path", str(tiny_model), "--partition", "files",
+        "--client_files", f"{good},{mostly_empty}", "--min_fit_clients", "1", "--num_rounds", "1", "--local_steps", "1",
+        "--per_device_train_batch_size", "2", "--lora_rank", "4", "--max_source_length", "64", "--max_target_length", "16",
+        "--output_dir", str(out), "--report_to", "none", timeout=420, env=FLOWER_ENV,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    (entry,) = json.loads((out / "federated_history.json").read_text())["rounds"][1:]
+    assert [c["client"] for c in entry["clients"]] == [0]
+    (dropped,) = entry["dropped"]
+    assert dropped.startswith("client 1 failed: UserError: ") and "2 of 3 records have an empty response" in dropped
+    assert f"round 1: {dropped}" in log
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "is_gradient_checkpointing` is deprecated" not in log

@@ -172,3 +172,75 @@ def test_a_client_that_does_not_answer_in_time_is_named(flower_log, stamped_mess
     strategy.aggregate_train(1, [update(10, 0, 7, state)])
     assert strategy.rounds[1]["dropped"] == ["client 1 did not answer within --round_timeout"]
     assert strategy.rounds[1]["clients"][0]["download_bytes"] == ArrayRecord(state).count_bytes()
+
+
+# --- Client sampling and differential privacy ----------------------------------------------------
+
+
+def test_fraction_train_asks_that_share_of_the_clients(stamped_messages):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fora.federated.strategy import AdapterAveraging
+
+    class FourNodes:
+        def get_node_ids(self):
+            return [10, 11, 12, 13]
+
+    (state,) = random_states(1)
+    strategy = AdapterAveraging(min_fit_clients=1, proximal_mu=0.0, fraction_train=0.5)
+    asked = [{m.metadata.dst_node_id for m in strategy.configure_train(r, ArrayRecord(state), ConfigRecord(), FourNodes())}
+             for r in range(1, 9)]
+    assert all(len(nodes) == 2 for nodes in asked) and len({frozenset(nodes) for nodes in asked}) > 1
+
+
+def test_under_differential_privacy_a_failed_client_is_named_and_the_skipped_rounds_counted(flower_log):
+    """Flower's DP wrapper leaves out a round with a failed client before the strategy sees it; the round's
+    record still names who failed, and a run of such rounds says how many there were."""
+    from fora.args import FederatedArguments
+    from fora.federated.strategy import AdapterAveraging, PrivateAveraging
+
+    (state,) = random_states(1)
+    reason = "ClientAppException: client 1: ValueError: out of memory in step 2\nTraceback ..."
+    averaging = AdapterAveraging(min_fit_clients=1, proximal_mu=0.0)
+    fed = FederatedArguments(num_clients=2, min_fit_clients=1, dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
+    strategy = PrivateAveraging(averaging, fed)
+    assert strategy.aggregate_train(1, [update(10, 0, 7, state), failure(11, reason)]) == (None, None)
+    assert averaging.rounds[1]["dropped"] == ["client 1 failed: ValueError: out of memory in step 2"]
+    assert averaging.rounds[1]["skipped"] and [c["client"] for c in averaging.rounds[1]["clients"]] == [0]
+    assert any("differential privacy leaves out a round in which a client failed" in line for line in flower_log)
+    message = averaging.no_update_reason()
+    assert "each of 1 round(s) was left out" in message and "first failure: round 1: client 1 failed" in message
+    arrays, _ = strategy.aggregate_train(2, [update(10, 0, 7, state), update(11, 1, 7, state)])
+    assert arrays is not None and averaging.rounds[2]["privacy"]["epsilon"] > 0 and averaging.no_update_reason() is None
+
+
+def test_the_privacy_spent_is_the_rdp_accountants_under_the_sampling_used():
+    """Two of four clients a round without replacement ("replace one": half the multiplier, the sensitivity
+    being twice the clipping norm), the multiplier scaled by the weights of the round's updates; every
+    client every round: no amplification, "add or remove one". Checked against dp-accounting itself."""
+    from dp_accounting import dp_event
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    from fora.args import FederatedArguments
+    from fora.federated.strategy import PrivacyLedger
+
+    z, delta = 1.2, 1e-5
+    ledger = PrivacyLedger(FederatedArguments(num_clients=4, fraction_train=0.5, dp_noise_multiplier=z, dp_clipping_norm=1.0,
+                                              dp_delta=delta))
+    reference = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    spent = []
+    for weights in ([10, 10], [10, 30]):
+        spent.append(ledger.spend(weights))
+        multiplier = z * sum(weights) / (2 * max(weights)) / 2
+        reference.compose(dp_event.SampledWithoutReplacementDpEvent(4, 2, dp_event.GaussianDpEvent(multiplier)))
+        assert spent[-1]["epsilon"] == pytest.approx(reference.get_epsilon(delta), rel=1e-9)
+        assert spent[-1]["noise_multiplier"] == pytest.approx(multiplier) and spent[-1]["delta"] == delta
+    assert 0 < spent[0]["epsilon"] < spent[1]["epsilon"]
+
+    everyone = PrivacyLedger(FederatedArguments(num_clients=3, dp_noise_multiplier=z, dp_clipping_norm=1.0, dp_delta=delta))
+    reference = RdpAccountant()
+    reference.compose(dp_event.GaussianDpEvent(z))
+    assert everyone.spend([5, 5, 5])["epsilon"] == pytest.approx(reference.get_epsilon(delta), rel=1e-9)
+    noiseless = PrivacyLedger(FederatedArguments(num_clients=3, dp_noise_multiplier=0.0, dp_clipping_norm=1.0))
+    assert noiseless.spend([5, 5, 5])["epsilon"] is None  # no noise, no privacy

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from support import ONE_THREAD, REPO, free_port
+from support import ONE_THREAD, REPO, free_port, turns_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +33,7 @@ def page(monkeypatch, *flags: str):
 
 
 def contents(app) -> list[tuple[str, str]]:
-    return [(message.name, " ".join(m.value for m in message.markdown)) for message in app.chat_message]
+    return [(message.name, " ".join(m.value for m in message.text)) for message in app.chat_message]
 
 
 def test_page_two_turns_then_clear(monkeypatch, adapter):
@@ -64,6 +65,51 @@ def test_page_side_by_side(monkeypatch, adapter):
     app.toggle(key="side_by_side").set_value(False).run()
     app.chat_input[0].set_value("just one").run()
     assert [m.name for m in app.chat_message] == ["user", "assistant", "assistant", "user", "assistant"]
+
+
+def test_page_shows_replies_as_written_and_errors_in_the_bubble(monkeypatch, adapter):
+    """A reply of one triple per line keeps its lines (Markdown would join them and read `_` as emphasis);
+    a failed reply shows its error in one line in its bubble and stays out of the next prompt."""
+    from fora.infer import chat
+    from fora.infer.web import load_model
+
+    flags = ("--model_dir", str(adapter), "--max_new_tokens", "8")
+    app = page(monkeypatch, *flags)
+    model = load_model(flags)
+    written = "pump_部件故障_leaks\nvalve_组成_seal"
+
+    def reply_as_written(self, history, exchange, who, settings):
+        exchange.replies[who], exchange.notes[who] = written, []
+        yield written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(chat.ChatModel, "respond", reply_as_written)
+        app.chat_input[0].set_value("list the triples").run()
+    assert [t.value for t in app.chat_message[1].text] == [written] and not app.chat_message[1].markdown
+
+    def out_of_memory(**kwargs):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model.model, "generate", out_of_memory)
+        app.chat_input[0].set_value("and then?").run()
+    assert not app.exception
+    (error,) = app.chat_message[3].error
+    assert error.value == "error: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    prompt, _ = model.prompt(app.session_state["history"], "next", chat.FINE_TUNED, chat.Settings(8, 0.0, 1.0))
+    assert "and then?" not in model.tokenizer.decode(prompt)
+    app.button(key="regenerate").click().run()  # the failed reply, generated again
+    history = app.session_state["history"]
+    assert [e.user for e in history] == ["list the triples", "and then?"] and not history[1].errors
+    assert not app.chat_message[3].error and app.chat_message[3].text[0].value == history[1].replies["fine-tuned"]
+
+
+def test_page_side_by_side_with_a_second_adapter(monkeypatch, adapter):
+    app = page(monkeypatch, "--model_dir", str(adapter), "--compare_dir", str(adapter), "--max_new_tokens", "4", "--side_by_side")
+    app.chat_input[0].set_value("hello").run()
+    assert [m.name for m in app.chat_message] == ["user", "assistant", "assistant", "assistant"]
+    assert [m.caption[0].value for m in app.chat_message[1:]] == [
+        "Fine-tuned (adapter on)", f"Compared ({adapter})", "Base (adapter off)"]
 
 
 def test_page_without_adapter_has_no_base_side(monkeypatch, tiny_model):
@@ -110,10 +156,9 @@ def wait_for_health(server: subprocess.Popen, url: str, log: Path, timeout: floa
     pytest.fail(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's Chromium at /usr/bin/chromium (scripts/setup.sh installs it as root)")
-def test_browser_chat(adapter, tmp_path):
-    """The page as a user drives it: two turns, clear, a reply held and kept across a rerun, side by side."""
+@contextmanager
+def chat_in_chromium(tmp_path: Path, *flags: str):
+    """web_demo.py served on 127.0.0.1 with FLAGS, and a Chromium page: (the page, the port). Both stop after."""
     playwright = pytest.importorskip("playwright.sync_api")
 
     port = free_port()
@@ -121,8 +166,7 @@ def test_browser_chat(adapter, tmp_path):
     with log.open("w") as output:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "web_demo.py", "--server.headless", "true",
-             "--server.address", "127.0.0.1", "--server.port", str(port),
-             "--", "--model_dir", str(adapter), "--max_new_tokens", "8"],
+             "--server.address", "127.0.0.1", "--server.port", str(port), "--", *flags],
             cwd=REPO, env={**os.environ, **ONE_THREAD}, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -134,7 +178,7 @@ def test_browser_chat(adapter, tmp_path):
                       "--disable-background-networking", "--disable-component-update", "--disable-sync"],
             )
             try:
-                drive_the_page(browser.new_page(viewport={"width": 1280, "height": 800}), port, tmp_path)
+                yield browser.new_page(viewport={"width": 1280, "height": 800}), port
             finally:
                 browser.close()
     finally:
@@ -145,6 +189,54 @@ def test_browser_chat(adapter, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
     assert "Traceback" not in log.read_text()
+
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="needs Debian's Chromium at /usr/bin/chromium (scripts/setup.sh installs it as root)"
+)
+
+
+@pytest.mark.slow
+@NEEDS_CHROMIUM
+def test_browser_chat(adapter, tmp_path):
+    """The page as a user drives it: two turns, clear, a reply held and kept across a rerun, the stop button,
+    two tabs, line breaks, the download, side by side."""
+    with chat_in_chromium(tmp_path, "--model_dir", str(adapter), "--max_new_tokens", "8") as (page, port):
+        drive_the_page(page, port, tmp_path)
+
+
+DEMO_ADAPTER = REPO / "output" / "demo" / "adapter"
+
+
+@pytest.mark.slow
+@NEEDS_CHROMIUM
+@pytest.mark.skipif(not (DEMO_ADAPTER / "adapter_config.json").is_file(), reason="needs the demo's adapter: bash scripts/demo.sh")
+def test_the_demo_fine_tune_answers_a_test_question_beside_its_base(tmp_path):
+    """The README's picture: the demo's fine-tune and its base answer the first question of data/test.json
+    side by side, greedy; the fine-tune's triples stay one per line. FORA_CHAT_PICTURE=docs/chat.png writes it."""
+    from playwright.sync_api import expect
+
+    from fora.data.formats import load_conversations
+
+    conversations, _ = load_conversations(str(REPO / "data" / "test.json"))
+    question = conversations[0].turns[0][0]
+    with chat_in_chromium(tmp_path, "--model_dir", str(DEMO_ADAPTER), "--side_by_side", "--temperature", "0",
+                          "--max_new_tokens", "64") as (page, port):
+        messages = page.get_by_test_id("stChatMessage")
+        run = FinishedRuns(page).after
+        page.set_default_timeout(300_000)
+        run(lambda: page.goto(f"http://127.0.0.1:{port}"), timeout=600)
+        box = page.get_by_test_id("stChatInputTextArea")
+        box.fill(question)
+        run(lambda: box.press("Enter"), timeout=600)
+        expect(messages).to_have_count(3)
+        fine_tuned = messages.nth(1).get_by_test_id("stChatMessageContent").inner_text()
+        assert "Fine-tuned (adapter on)" in fine_tuned
+        lines = [line for line in fine_tuned.splitlines() if line.count("_") >= 2]
+        assert len(lines) >= 2, fine_tuned  # one triple per line, as trained
+        page.screenshot(path=str(tmp_path / "chat.png"))
+    if os.environ.get("FORA_CHAT_PICTURE"):
+        shutil.copy(tmp_path / "chat.png", REPO / os.environ["FORA_CHAT_PICTURE"])
 
 
 class FinishedRuns:
@@ -219,6 +311,52 @@ def drive_the_page(page, port: int, tmp_path: Path) -> None:
     expect(messages).to_have_count(2)
     expect(box).to_be_enabled()
     assert len(content(1).split()) >= 3, "the words shown before the rerun are gone"
+
+    # The stop button that replaces send while a reply streams: the reply keeps what it had (marked stopped
+    # from the page's next run on: Streamlit draws nothing more in a stopped run).
+    send("and more")
+    page.wait_for_function(
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessageContent]');"
+        " return m.length == 4 && m[3].innerText.trim().split(/\\s+/).length >= 3; }"
+    )
+    page.get_by_role("button", name="Stop script").click()
+    expect(box).to_be_enabled()
+    assert len(content(3).split()) >= 3, "the words shown before the stop are gone"
+
+    # Two tabs, one model: the second tab's reply waits for the first's, says so, and its stop ends the
+    # wait at once, while the first tab's reply goes on.
+    other = page.context.browser.new_page(viewport={"width": 1280, "height": 800})
+    FinishedRuns(other).after(lambda: other.goto(f"http://127.0.0.1:{port}"), timeout=300)
+    send("tell me everything again")
+    page.wait_for_function(
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessageContent]');"
+        " return m.length == 6 && m[5].innerText.trim().split(/\\s+/).length >= 3; }"
+    )
+    other_box = other.get_by_test_id("stChatInputTextArea")
+    other_box.fill("hello")
+    other_box.press("Enter")
+    other.get_by_text("Waiting for the model").wait_for()
+    other.get_by_role("button", name="Stop script").click()
+    expect(other_box).to_be_enabled(timeout=10_000)  # the wait ended, not the first tab's reply
+    assert box.is_disabled(), "the first tab's reply should still be streaming"
+    other.close()
+    page.get_by_role("button", name="Stop script").click()
+    expect(box).to_be_enabled()
+
+    # A message keeps its line breaks (Shift+Enter), and the conversation downloads as a training record.
+    box.fill("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    run(lambda: box.press("Enter"))
+    assert content(6).strip() == "first line\nsecond line"
+    for stopped in (3, 5):
+        expect(messages.nth(stopped).get_by_text("stopped before the end of the reply")).to_be_visible()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the conversation").click()
+    saved = tmp_path / "conversation.jsonl"
+    download.value.save_as(saved)
+    assert [user for user, _ in turns_of(saved)[0][1]] == [
+        "tell me everything", "and more", "tell me everything again", "first line\nsecond line"]
 
     # Side by side, in a new session (a reload starts one, with the flags' settings).
     run(page.reload)
