@@ -46,9 +46,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 # Debian's Chromium (and a CJK font, for the sample data's Chinese) for the browser test of web_demo.py
-# (tests/infer/test_web.py skips without it); checked on
-# every run, not only when the requirements change. Playwright's own browser download is not used.
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+# (tests/infer/test_web.py skips without it); checked on every run, not only when the requirements change.
+# Playwright's own browser download is not used.
+if { [ ! -x /usr/bin/chromium ] || [ ! -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; } \
     || echo "note: could not install chromium; the browser test of web_demo.py will skip" >&2
 fi
