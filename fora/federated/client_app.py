@@ -34,6 +34,7 @@ from fora.federated.run import (
     quiet_training_args,
     site_argv,
 )
+from fora.run import RunRecord
 from fora.train.trainer import SupervisedTrainer
 
 
@@ -92,6 +93,8 @@ class Site:
         self.run = run
         started = time.monotonic()
         self.model_path, self.tokenizer, self.template, self.model = load_adapted_model(run)
+        # The method decides the training loss (METHODS' `loss`), as in train_lora.py
+        self.record = RunRecord.of_training(self.model_path, run.model, run.data, run.finetuning, self.template.name)
         # Deployed, a site loads its base every round (Flower 1.42 starts a ClientApp process per message): the
         # log says what that costs
         logger.info("site: base model loaded from %s in %.1f s (process %d)", self.model_path, time.monotonic() - started,
@@ -126,6 +129,8 @@ class Site:
                 server_round=server_round,
                 num_rounds=fed.num_rounds,
                 proximal_mu=proximal_mu,
+                run_record=self.record,
+                loraplus_lr_ratio=self.run.finetuning.loraplus_lr_ratio,
             )
             result = trainer.train()
         return adapter_state(self.model), len(dataset), result.training_loss

@@ -50,7 +50,7 @@ class GlobalAdapter:
             )
             self.evaluator = SupervisedTrainer(
                 model=self.model, args=eval_args, eval_dataset=dataset, processing_class=self.tokenizer,
-                data_collator=PaddingCollator.for_this_machine(self.tokenizer.pad_token_id),
+                data_collator=PaddingCollator.for_this_machine(self.tokenizer.pad_token_id), run_record=self.run_record(0),
             )
 
     def save(self, folder: Path, state: dict[str, torch.Tensor], server_round: int) -> None:

@@ -13,11 +13,12 @@ from support import random_states, train_records, write_jsonl
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the_client_rate(tmp_path, tiny_model):
+@pytest.mark.parametrize("loraplus_ratio", [None, 16])
+def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the_client_rate(tmp_path, tiny_model, loraplus_ratio):
     """Under --server_optimizer adamw a client takes plain SGD at --client_learning_rate: no AdamW, no clipping,
     no schedule. One local step moves the adapter by -rate x the gradient of the model's own loss on the
     round's batch, computed here by a plain forward and backward; rounds 1 and 2 take the two halves of the
-    client's 8 records."""
+    client's 8 records. With --loraplus_lr_ratio, B's rate is that many times A's, as in train_lora.py."""
     from fora.data.collator import PaddingCollator
     from fora.federated.client_app import Site
     from fora.federated.partition import round_indices
@@ -30,6 +31,8 @@ def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the
             "--server_optimizer", "adamw", "--client_learning_rate", str(client_lr), "--learning_rate", "1e-3",
             "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--max_grad_norm", "0.01", "--seed", str(seed),
             "--lora_rank", "4", "--torch_dtype", "float32", "--report_to", "none"]
+    if loraplus_ratio:
+        argv += ["--loraplus_lr_ratio", str(loraplus_ratio)]
     site = Site(parse(argv))
     with torch.no_grad():  # an adapter away from its initial zeros, so every factor has a gradient
         generator = torch.Generator().manual_seed(3)
@@ -59,7 +62,8 @@ def test_an_adamw_client_round_of_one_step_is_minus_its_batch_gradient_times_the
         state, num_examples, _ = site.train(sent, str(client_file), server_round=server_round, proximal_mu=0.0)
         assert num_examples == 8
         for name in sent:
-            torch.testing.assert_close((sent[name] - state[name]) / client_lr, gradient[name], rtol=1e-4, atol=1e-6)
+            rate = client_lr * (loraplus_ratio if loraplus_ratio and "lora_B" in name else 1)
+            torch.testing.assert_close((sent[name] - state[name]) / rate, gradient[name], rtol=1e-4, atol=1e-6)
 
 
 # --- FedProx -------------------------------------------------------------------------------------

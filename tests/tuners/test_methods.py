@@ -2,6 +2,7 @@
 (checked against PEFT's own forward), the LoRA variants, and every method through train, predict and merge."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -299,3 +300,45 @@ def test_two_deepspeed_processes_train_what_one_process_trains(name, tiny_model,
 def logged_losses(checkpoint) -> list[float]:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.averaged])
+def test_one_federated_round_of_every_averaged_method(name, tiny_model, train_file, tmp_path):
+    """Two sites train one local step each from the same start, through the classes the ClientApp and the
+    ServerApp run (Site, GlobalAdapter); the server's round folder holds the example-weighted mean of what
+    they sent, computed here, and predicts. (The Flower transport is the same tensors for every method:
+    tests/federated runs it for real.)"""
+    from fora.federated.client_app import Site
+    from fora.federated.run import adapter_state, parse
+    from fora.federated.server_app import GlobalAdapter
+    from fora.infer.predict import main as predict
+
+    lines = train_file.read_text(encoding="utf-8").splitlines(True)
+    files = [tmp_path / "site0.jsonl", tmp_path / "site1.jsonl"]
+    files[0].write_text("".join(lines[:6]), encoding="utf-8")  # unequal shares: the weights matter
+    files[1].write_text("".join(lines[6:8]), encoding="utf-8")
+    run = parse(["--model_name_or_path", str(tiny_model), "--train_file", str(train_file), "--output_dir", str(tmp_path / "out"),
+                 "--num_clients", "2", "--num_rounds", "1", "--local_steps", "1", "--per_device_train_batch_size", "2",
+                 "--finetuning_type", name, "--lora_rank", "4", "--num_virtual_tokens", "4", "--learning_rate", "5e-2",
+                 "--torch_dtype", "float32", "--report_to", "none", "--validation_file", str(files[1])])
+    site = Site(run)
+    sent = adapter_state(site.model)
+    replies = [site.train(sent, str(file), server_round=1, proximal_mu=0.0)[:2] for file in files]
+    assert [examples for _, examples in replies] == [6, 2]
+    mean = {key: (6 * replies[0][0][key] + 2 * replies[1][0][key]) / 8 for key in sent}
+    assert all(any(not torch.equal(state[key], sent[key]) for key in sent) for state, _ in replies)
+
+    folder = tmp_path / "out" / "round-1"
+    folder.mkdir(parents=True)
+    server = GlobalAdapter(run)
+    assert math.isfinite(server.evaluate(mean)["eval_loss"])  # the server scores it with the method's own loss
+    server.save(folder, mean, server_round=1)
+    saved = trained_tensors(folder)
+    for key, expected in mean.items():
+        torch.testing.assert_close(saved[key], expected, msg=key)
+    record = json.loads((folder / "fora_run.json").read_text())
+    assert (record["finetuning_type"], record["federated"]["round"]) == (name, 1)
+    results = predict(["--model_dir", str(folder), "--test_path", str(train_file), "--output_dir", str(tmp_path / "p"),
+                       "--max_new_tokens", "3", "--max_samples", "2"])
+    assert results["total"] == 2
