@@ -72,17 +72,19 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def build_tiny_model(folder: Path, chat_template: bool = True, seed: int = 0) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with the default model's tokenizer, saved in `folder`."""
+def build_tiny_model(folder: Path, chat_template: bool = True, seed: int = 0, architecture: str = "llama") -> Path:
+    """A tiny random Llama (or Qwen2: `architecture="qwen2"`; hidden 64, 2 layers) with the default model's
+    tokenizer, saved in `folder`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from fora.models.load import ensure_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     if not chat_template:
         tokenizer.chat_template = None
-    config = LlamaConfig(
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+    config = config_class(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -95,7 +97,7 @@ def build_tiny_model(folder: Path, chat_template: bool = True, seed: int = 0) ->
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if not chat_template:
         (folder / "chat_template.jinja").unlink(missing_ok=True)

@@ -381,3 +381,53 @@ def test_model_scripts_name_existing_configs_and_templates():
         assert (REPO / "configs" / settings["LORA_CONFIG"]).is_file(), script
         assert settings["TEMPLATE"] in {"auto", *NAMED_TEMPLATES}, script
         assert json.loads((REPO / "configs" / settings["LORA_CONFIG"]).read_text())["lora_target_modules"]
+
+
+# Methods whose path differs by family: IA3 (PEFT's own targets or every projection), AdaLoRA (the model's own
+# loss), LoHa (a layer adapter other than LoRA), prefix (the family's cache, or ChatGLM's own P-tuning v2),
+# prompt (embeddings into the family's forward), freeze (the family's layer names).
+FAMILY_METHODS = ["ia3", "adalora", "loha", "prefix", "prompt", "freeze"]
+REFUSED = {  # what a family's own code cannot take, and the refusal's words
+    ("chatglm2", "prompt"): "reads input_ids in every forward", ("chatglm3", "prompt"): "reads input_ids in every forward",
+    # Their published config stores `gradient_checkpointing=(False,)`, a tuple, so the model always checkpoints
+    ("baichuan-13b-chat", "prefix"): "checkpoints its gradients", ("baichuan2-13b-chat", "prefix"): "checkpoints its gradients",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", FAMILY_METHODS)
+@pytest.mark.parametrize("family", [*families.FAMILIES, "qwen2"])
+def test_every_method_trains_predicts_and_merges_on_every_family(family, method, family_folders, train_file, tmp_path):
+    """Each method trains 2 steps on each family (and a tiny Qwen2), predicts from the folder it saved, and merges
+    or says in one line why not; what a family's code cannot take is refused before training, naming why."""
+    from fora import merge as merge_lora
+    from fora.infer import predict as predict_fora
+    from fora.train import recipe as train_lora
+    from fora.tuners.methods import METHODS
+    from support import build_tiny_model
+
+    folder = family_folders[family] if family in family_folders else build_tiny_model(tmp_path / family, architecture=family)
+    out = tmp_path / "out"
+    flags = ["--train_file", str(train_file), "--model_name_or_path", str(folder), "--trust_remote_code", "--template", "auto",
+             "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "2e-2",
+             "--lora_rank", "4", "--num_virtual_tokens", "4", "--finetuning_type", method, "--save_strategy", "no",
+             "--report_to", "none", "--torch_dtype", "float32"]
+    if (family, method) in REFUSED:
+        with pytest.raises(UserError, match=REFUSED[family, method]):
+            train_lora.main(flags)
+        assert not out.exists()
+        return
+    train_lora.main(flags)
+    if method == "prefix" and family.startswith("chatglm"):  # the model's own P-tuning v2, sized by the flag
+        config = json.loads((out / "config.json").read_text())
+        assert (config["pre_seq_len"], config["prefix_projection"]) == (4, False)
+    results = predict_fora.main(["--model_dir", str(out), "--test_path", str(train_file), "--output_dir", str(tmp_path / "p"),
+                                 "--trust_remote_code", "--max_new_tokens", "3", "--batch_size", "4"])
+    assert results["total"] == len(RECORDS)
+    merge = ["--adapter", str(out), "--output_dir", str(tmp_path / "merged"), "--trust_remote_code"]
+    if METHODS[method].merges:
+        merge_lora.main(merge)
+        assert (tmp_path / "merged" / "config.json").is_file()
+    else:
+        with pytest.raises(UserError):
+            merge_lora.main(merge)
