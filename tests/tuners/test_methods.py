@@ -219,7 +219,8 @@ def test_adalora_allocates_ranks_as_it_trains(tiny_model, train_file, tmp_path):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_predicts_and_merges_or_says_why_not(name, tiny_model, train_file, tmp_path):
     """Train 3 steps (a checkpoint at 2), predict from the final folder and from checkpoint-2, load an adapter
-    with plain PEFT and check it gives the logits prediction decodes from, and merge (or the one-line refusal)."""
+    with plain PEFT and check it gives the logits prediction decodes from, chat with it (its base side is the
+    base alone), and merge (or the one-line refusal)."""
     from fora.infer.predict import main as predict
     from fora.merge import main as merge
     from fora.models.inference import load_inference_model
@@ -240,6 +241,7 @@ def test_every_method_trains_predicts_and_merges_or_says_why_not(name, tiny_mode
         ids = torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
         with torch.no_grad():
             torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits)
+        assert_chat_base_side_is_the_base(out, tiny_model)
     merged = tmp_path / "merged"
     if METHODS[name].merges:
         merge(["--adapter", str(out), "--output_dir", str(merged)])
@@ -248,6 +250,17 @@ def test_every_method_trains_predicts_and_merges_or_says_why_not(name, tiny_mode
         with pytest.raises(UserError) as error:
             merge(["--adapter", str(out), "--output_dir", str(merged)])
         assert "nothing to merge" in str(error.value) or "no weights to merge" in str(error.value)
+
+
+def assert_chat_base_side_is_the_base(adapter, base):
+    from fora.args import ChatArguments
+    from fora.infer.chat import BASE, FINE_TUNED, ChatModel, Exchange, Settings
+
+    greedy = Settings(max_new_tokens=6, temperature=0.0, top_p=1.0)
+    chat = ChatModel(ChatArguments(model_dir=str(adapter)))
+    replies = {who: "".join(chat.respond([], Exchange("hi"), who, greedy)) for who in (FINE_TUNED, BASE)}
+    alone = "".join(ChatModel(ChatArguments(ori_model_dir=str(base))).respond([], Exchange("hi"), FINE_TUNED, greedy))
+    assert replies[BASE] == alone
 
 
 @pytest.mark.slow
