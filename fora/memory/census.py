@@ -38,11 +38,11 @@ def census(architecture: Architecture, config, finetuning, real: bool, trust_rem
     method.init_lora_weights = "default"  # PiSSA/OLoRA decompose real weights; the counts are LoRA's
     with torch.device("meta"):
         model = _meta_model(config, trust_remote_code) if real else Skeleton(architecture, config)
+        quantizable = quantizable_elements(model)  # before the adapter, whose own linears stay unquantized
         model = attach_adapter(model, method, gradient_checkpointing=False, total_steps=1000)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     params = list(model.named_parameters())
-    linears = [m for name, m in base.named_modules() if isinstance(m, nn.Linear) and m is not head]
     blocks = transformer_blocks(base)
     trained = [i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
     adapted = sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if hasattr(m, "base_layer")})
@@ -50,13 +50,19 @@ def census(architecture: Architecture, config, finetuning, real: bool, trust_rem
         total=sum(p.numel() for _, p in params),
         trainable=sum(p.numel() for _, p in params if p.requires_grad),
         trainable_shapes=tuple(tuple(p.shape) for _, p in params if p.requires_grad),
-        quantizable=sum(m.weight.numel() for m in linears if not hasattr(m, "base_layer") and m.weight is not None),
+        quantizable=quantizable,
         adapted=tuple(adapted),
         trained_layers=len(blocks) - trained[0] if trained else 0,
         output_trains=head.weight.requires_grad,
         proven_loss=proven_supervised_loss(base),
         plain_head=type(head) is nn.Linear,
     )
+
+
+def quantizable_elements(model) -> int:
+    """Elements of the linear weights a 4/8-bit base quantizes: every nn.Linear but the output layer."""
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head and m.weight is not None)
 
 
 def _meta_model(config, trust_remote_code: bool):
