@@ -98,7 +98,8 @@ def out_of_memory_line(s: Setting | None, what: str, quantizable: bool) -> str:
         return f"out of memory {what}; estimate the run with estimate_memory.py (the same flags) to see what fits"
     memory, source = device_memory(s.cuda)
     total = estimate(s).total
-    change = cheapest_change(s, memory, quantizable)
+    # An estimate within the memory was short (or others took some): then the change that needs less than the estimate.
+    change = cheapest_change(s, min(memory, total - 1), quantizable)
     advice = f"try {change.flags} ({change.why}: {gib(change.total)} GiB)" if change else "no single change fits it here"
     return (f"out of memory {what}: the run's estimate is {gib(total)} GiB and {source} was {gib(memory)} GiB; "
             f"{advice} (estimate_memory.py with the same flags shows every line)")
