@@ -62,3 +62,13 @@ def test_native_bf16_is_chosen_when_no_precision_is_given(tmp_path, monkeypatch,
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     model, _, _, training = parse_args(types, ["--output_dir", str(tmp_path)])
     assert not training.bf16 and training.precision.torch_dtype == torch.float32
+
+
+def test_a_gpu_runs_precision_is_decided_without_one():
+    """The memory estimate of a GPU run made on a CPU: --fp16 stays fp16 (a GPU computes it), a half dtype stays."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    on_gpu = precision.training_precision("auto", bf16=False, fp16=True, cuda=True)
+    assert (on_gpu.dtype, on_gpu.mixed) == ("float16", "fp16")
+    assert precision.training_precision("auto", bf16=False, fp16=False, cuda=True).mixed == "bf16"
+    assert precision.runnable_dtype("float16", cuda=True) == "float16"
