@@ -1,11 +1,15 @@
 """fora/memory/estimate.py: each line against the same bytes counted by hand for the tiny Llama (hidden 64, 2 layers,
-4 heads of 16, 2 key-value heads, MLP 128, tied vocabulary of 49152), and the ZeRO partitions."""
+4 heads of 16, 2 key-value heads, MLP 128, tied vocabulary of 49152), and the ZeRO partitions; the total against
+measured peaks of real training runs (scripts/memory_study.py; the whole study is in docs/memory.md)."""
 
+import json
+import sys
 from dataclasses import replace
 
 import pytest
 
 from fora.memory.estimate import estimate, with_changes
+from support import ONE_THREAD, run_script
 
 # The tiny model's parameters, by hand: the tied embedding, per layer q, k, v, o, gate, up, down and two norms, the
 # final norm; LoRA rank 8 on every block linear adds r * (inputs + outputs) each.
@@ -89,3 +93,30 @@ def test_with_changes_scales_the_trained_positions(run_setting):
     s = run_setting("--per_device_train_batch_size", "4", "--max_source_length", "32", "--max_target_length", "33")
     assert s.supervised == 4 * 32
     assert with_changes(s, batch=2).supervised == 2 * 32 and with_changes(s, length=130).supervised == 4 * 64
+
+
+# The study's small cases: the embedded 135M model, 4 rows of 256 tokens, every method without checkpointing, and
+# LoRA and full fine-tuning with it. The issue's goal is 10%; the test holds the estimate to 20%.
+STUDY_RUNS = [("lora,qlora,fora,full", "false"), ("lora,full", "true")]
+STUDY_TOLERANCE = 0.20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_estimate_is_within_20_percent_of_measured_peaks(tmp_path, device):
+    """Six real training runs, each in a fresh process, against estimate_memory.py's total for the same flags: on a CPU
+    the process's peak resident memory (VmHWM), on CUDA torch.cuda.max_memory_allocated."""
+    import torch
+
+    if (device == "cuda") != torch.cuda.is_available():
+        pytest.skip("the CUDA study runs on a machine with CUDA, the CPU one without")
+    study = tmp_path / "study.json"
+    for methods, checkpointing in STUDY_RUNS:
+        result = run_script(sys.executable, "scripts/memory_study.py", "--models", "smollm2-135m", "--methods", methods,
+                            "--lengths", "256", "--checkpointing", checkpointing, "--work_dir", str(tmp_path),
+                            "--json", str(study), timeout=1800, env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-3000:]
+    cases = json.loads(study.read_text())
+    assert len(cases) == 6
+    errors = {case["name"]: case["error"] for case in cases}  # on CUDA without the CUDA context (see the study's docstring)
+    assert all(abs(error) <= STUDY_TOLERANCE for error in errors.values()), errors
