@@ -123,7 +123,8 @@ def estimate(s: Setting) -> Estimate:
     est.lines["framework overhead"] = s.overhead
     if not s.cuda:
         retention = CPU_UNMAPPED_RETENTION if s.quantization_bit and s.unmap_freed_memory else CPU_HEAP_RETENTION
-        working = sum(moments[est.peak_at].values()) - est.lines["gradients"]
+        # What the step's largest moment freed stays resident: the optimizer step's peak carries backward's heap too.
+        working = max(sum(moment.values()) - moment.get("gradients", 0) for moment in moments.values())
         est.lines["allocator retention (CPU)"] = int(retention * working)
     return est
 
