@@ -8,6 +8,7 @@ and exit code 2 (fora.errors.exit_on_user_error); anything else is a bug and kee
     fora-merge / merge_lora.py            fora.merge.main
     fora-chat / cli_demo.py               fora.infer.terminal.main (the web page: streamlit run web_demo.py)
     fora-federated / train_federated.py   fora.federated.simulation.main
+    fora-estimate / estimate_memory.py    fora.memory.report.main
 """
 
 import sys
@@ -71,5 +72,11 @@ def chat() -> None:
 
 def federated() -> None:
     from fora.federated.simulation import main
+
+    exit_on_user_error(main)
+
+
+def estimate_memory() -> None:
+    from fora.memory.report import main
 
     exit_on_user_error(main)

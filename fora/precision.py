@@ -49,42 +49,49 @@ def cpu_has_bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def native_half() -> DtypeName | None:
+def native_half(cuda: bool | None = None) -> DtypeName | None:
     """The half precision this machine computes in natively: bf16 (CUDA with bf16, or such a CPU), fp16 on
-    older GPUs, none on CPUs without bf16."""
-    if torch.cuda.is_available():
+    older GPUs, none on CPUs without bf16. `cuda`: the run's device has CUDA (default: this machine's answer;
+    True here without one, for an estimate of a GPU run: a GPU this machine cannot see is taken to have bf16)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and torch.cuda.is_available():
         # The hardware's answer: V100 and T4 emulate bf16 (slowly) and compute fp16 natively.
         return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    if cuda:
+        return "bfloat16"
     return "bfloat16" if cpu_has_bf16() else None
 
 
-def runnable_dtype(name: DtypeName) -> DtypeName:
-    """`name`, except half precision without CUDA: bf16 where the CPU has it natively, else float32."""
-    if torch.cuda.is_available() or name == "float32":
+def runnable_dtype(name: DtypeName, cuda: bool | None = None) -> DtypeName:
+    """`name`, except half precision without CUDA: bf16 where the CPU has it natively, else float32.
+    `cuda`: the run's device has CUDA (default: this machine's answer)."""
+    if (torch.cuda.is_available() if cuda is None else cuda) or name == "float32":
         return name
     return "bfloat16" if cpu_has_bf16() else "float32"
 
 
-def training_precision(torch_dtype: DtypeChoice, bf16: bool, fp16: bool) -> Precision:
+def training_precision(torch_dtype: DtypeChoice, bf16: bool, fp16: bool, cuda: bool | None = None) -> Precision:
     """The precision of a training run from its flags.
 
     No flag at all (--torch_dtype auto, neither --bf16 nor --fp16): the machine's native half precision.
     Without CUDA, --fp16 (and --bf16 on a CPU without it) and a half --torch_dtype become what the CPU runs.
-    --torch_dtype auto loads the base in the dtype the Trainer computes in.
+    --torch_dtype auto loads the base in the dtype the Trainer computes in. `cuda`: the run's device has CUDA
+    (default: this machine's answer; the memory estimate of a GPU run made elsewhere passes True).
     """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     chosen, replaced = None, []
     if torch_dtype == "auto" and not (bf16 or fp16):
-        half = native_half()
+        half = native_half(cuda)
         if half:
             bf16, fp16 = half == "bfloat16", half == "float16"
             chosen = (f"--{'bf16' if bf16 else 'fp16'}, this machine's native half precision (no precision flag given; "
                       "--torch_dtype float32 trains in full precision)")
-    if not torch.cuda.is_available() and (fp16 or (bf16 and not cpu_has_bf16())):
+    if not cuda and (fp16 or (bf16 and not cpu_has_bf16())):
         replaced.append("--fp16" if fp16 else "--bf16")
         fp16, bf16 = False, cpu_has_bf16()
-    if torch_dtype != "auto" and runnable_dtype(torch_dtype) != torch_dtype:
+    if torch_dtype != "auto" and runnable_dtype(torch_dtype, cuda) != torch_dtype:
         replaced.append(f"--torch_dtype {torch_dtype}")
-        torch_dtype = runnable_dtype(torch_dtype)
+        torch_dtype = runnable_dtype(torch_dtype, cuda)
     if torch_dtype == "auto":
         torch_dtype = "bfloat16" if bf16 else "float16" if fp16 else "float32"
     return Precision(

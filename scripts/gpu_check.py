@@ -8,7 +8,10 @@ In order, each a row of the table printed at the end (status, seconds, peak GPU 
                forward
   train        15 steps each: train_lora.py at the default precision and with --fp16, full fine-tuning with
                --fp16, train_qlora.py with gradient checkpointing (peak memory from train_results.json)
-  deepspeed    deepspeed --num_gpus 1 train_qlora.py --fp16, saved at step 5, resumed to step 15
+  deepspeed    deepspeed --num_gpus 1 train_qlora.py --fp16, saved at step 5, resumed to step 15; the seed command
+               under deepspeed with LoRA and with FoRA
+  memory       the memory study's small cases (scripts/memory_study.py: every method, 4 x 256 tokens): the estimate
+               against torch.cuda.max_memory_allocated, each within 20% (docs/memory.md)
   torchrun     torchrun --nproc_per_node 1 train_lora.py
   predict      the bf16 and 4-bit adapters with the automatic batch, an out-of-memory forced on batches over 4
                (the batch halves, the run completes); in float32, greedy at batch 1 equals the automatic batch
@@ -199,6 +202,26 @@ def main() -> None:
         command(*flags[:-len(STEPS)], *[v if v != "15" else "5" for v in STEPS])
         command(*flags, "--resume_from_checkpoint", "auto")
         return trained(out)
+
+    @step("deepspeed lora and fora, seed command")
+    def deepspeed_methods():
+        notes = []
+        for method in ("lora", "fora"):
+            out = work / f"ds-{method}"
+            command("deepspeed", "--num_gpus", "1", "train_lora.py", "--train_file", str(data), "--output_dir", str(out),
+                    "--fp16", "--deepspeed", "ds_config.json", "--finetuning_type", method, "--save_strategy", "no", *STEPS)
+            notes.append(f"{method}: {trained(out)}")
+        return "; ".join(notes)
+
+    @step("memory study, estimate vs measured")
+    def memory_study():
+        study = work / "memory_study.json"
+        command(python, "scripts/memory_study.py", "--models", "smollm2-135m", "--lengths", "256", "--checkpointing", "false",
+                "--work_dir", str(work / "memory_study"), "--json", str(study))
+        errors = {case["name"]: case["error"] for case in json.loads(study.read_text())}
+        worst = max(errors, key=lambda name: abs(errors[name]))
+        assert all(abs(error) <= 0.20 for error in errors.values()), f"off by more than 20%: {errors}"
+        return f"{len(errors)} cases, worst {worst} {100 * errors[worst]:+.1f}%"
 
     @step("torchrun lora")
     def torchrun():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU path, checked on a machine with CUDA (scripts/gpu_check.py lists every step): one table, non-zero
-# exit on any failure, under ten minutes on one GPU with the embedded model. Without CUDA it stops in one line.
+# The GPU path, checked on a machine with CUDA (scripts/gpu_check.py lists every step: training, DeepSpeed with
+# LoRA, FoRA and QLoRA, the memory study against torch.cuda.max_memory_allocated, predict, merge, chat): one table,
+# non-zero exit on any failure, under ten minutes on one GPU with the embedded model. Without CUDA it stops in one line.
 #   bash scripts/gpu_check.sh            # work files in a temporary folder, removed at the end
 #   OUT=output/gpu_check bash scripts/gpu_check.sh
 set -euo pipefail

@@ -76,7 +76,7 @@ def test_the_8bit_optimizers_states_pass_the_resume_check(tmp_path, optimizer):
 
 
 @pytest.mark.usefixtures("keep_environment")
-@pytest.mark.parametrize("door", ["train", "train_qlora", "predict", "merge", "chat", "federated"])
+@pytest.mark.parametrize("door", ["train", "train_qlora", "predict", "merge", "chat", "federated", "estimate_memory"])
 def test_every_door_turns_a_mistake_into_one_line_and_exit_code_2(door, monkeypatch, capsys):
     """The root scripts' bodies, in this process: their flags reach the package, and a mistake is one line."""
     from fora import cli
@@ -96,6 +96,18 @@ def spo_subset(tmp_path, records: int):
     path = tmp_path / "spo_0.json"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.mark.slow
+def test_estimate_memory_door(tiny_model, tmp_path):
+    """estimate_memory.py as a user runs it: the table, --json on stdout, and a mistake in one line with exit code 2."""
+    flags = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "out"), "--device_memory", "8GB"]
+    result = run_script(PYTHON, "estimate_memory.py", *flags, "--json", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1])["fits"] is True
+    result = run_script(PYTHON, "estimate_memory.py", *flags, "--device_memory", "lots", env=ONE_THREAD)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --device_memory lots: not a memory size (e.g. 24GB, 16GiB, 1500MB)")
 
 
 @pytest.mark.slow

@@ -146,3 +146,13 @@ def test_the_gradient_scaler_steps_once_the_trained_parameters_are_float32():
     before = model[1].weight.detach().clone()
     scaler_step(model)
     assert not torch.equal(model[1].weight, before)
+
+
+def test_a_gpu_runs_precision_is_decided_without_one():
+    """The memory estimate of a GPU run made on a CPU: --fp16 stays fp16 (a GPU computes it), a half dtype stays."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    on_gpu = precision.training_precision("auto", bf16=False, fp16=True, cuda=True)
+    assert (on_gpu.dtype, on_gpu.mixed) == ("float16", "fp16")
+    assert precision.training_precision("auto", bf16=False, fp16=False, cuda=True).mixed == "bf16"
+    assert precision.runnable_dtype("float16", cuda=True) == "float16"

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fora.memory.architectures import BUILT_IN
 from fora.precision import DtypeChoice
 
 
@@ -12,7 +13,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Base model: a local folder with config.json and weights (any AutoModelForCausalLM). "
-            "Default: the embedded SmolLM2-135M-Instruct, converted once to models/SmolLM2-135M-Instruct."
+            "Default: the embedded SmolLM2-135M-Instruct, converted once to models/SmolLM2-135M-Instruct. "
+            f"estimate_memory.py also takes a built-in architecture's name, offline: {', '.join(BUILT_IN)}."
         },
     )
     torch_dtype: DtypeChoice = field(

@@ -21,8 +21,9 @@ from fora.precision import training_precision
 ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None) -> list:
-    """The dataclasses of `dataclass_types` from `argv` (default: sys.argv), in that order."""
+def parse_args(dataclass_types, argv: list[str] | None = None, cuda: bool | None = None) -> list:
+    """The dataclasses of `dataclass_types` from `argv` (default: sys.argv), in that order. `cuda`: the training
+    run's device has CUDA (default: this machine's answer; see fora.precision.training_precision)."""
     argv = sys.argv[1:] if argv is None else argv
     if is_argument_file(argv):
         argv = argument_file_flags(argv[0]) + argv[1:]
@@ -31,7 +32,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> list:
         raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help for the flags)")
     precision = None
     if TrainArguments in dataclass_types and hasattr(namespace, "torch_dtype"):
-        precision = training_precision(namespace.torch_dtype, namespace.bf16, namespace.fp16)
+        precision = training_precision(namespace.torch_dtype, namespace.bf16, namespace.fp16, cuda)
         namespace.torch_dtype, namespace.bf16, namespace.fp16 = precision.dtype, precision.mixed == "bf16", precision.mixed == "fp16"
     parsed = []
     for cls in dataclass_types:

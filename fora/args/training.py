@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from fora.errors import UserError
 from fora.io import read_json
+from fora.memory.device import AVAILABLE_MEMORY_VARIABLE
 from fora.precision import Precision
 
 
@@ -50,6 +51,18 @@ class TrainArguments(TrainingArguments):
             "code: pass it only for a checkpoint you wrote yourself."
         },
     )
+    gradient_checkpointing: str = field(
+        default="auto",
+        metadata={
+            "help": "Recompute each layer's activations in backward instead of keeping them: far less memory, one more "
+            "forward pass per step. auto (default): on when the run's memory estimate (estimate_memory.py, the same flags) "
+            "exceeds the memory free on its device (CUDA: free GPU memory; CPU: available RAM within the cgroup's limit; "
+            f"the environment variable {AVAILABLE_MEMORY_VARIABLE} sets it, e.g. 24GB), off otherwise; the log says which "
+            "and why. true / false force it.",
+            "nargs": "?",
+            "const": "true",
+        },
+    )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where metrics go: tensorboard (default), none, or other HF integrations."}
     )
@@ -57,6 +70,10 @@ class TrainArguments(TrainingArguments):
     precision: Precision | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        checkpointing = gradient_checkpointing_choice(self.gradient_checkpointing)
+        # Decided here when forced; "auto" stays until fora.memory.decide resolves it, before the model is built.
+        # transformers 5 reads `activation_checkpointing` (gradient_checkpointing is its deprecated alias).
+        self.gradient_checkpointing, self.activation_checkpointing = None, checkpointing is True
         if self.learning_rate < 0:
             raise UserError(f"--learning_rate must not be negative, got {self.learning_rate}")
         if self.warmup_ratio is not None:
@@ -73,4 +90,17 @@ class TrainArguments(TrainingArguments):
             # accelerate forms a multi-process group (gloo) on CPU only when told it runs on CPU.
             self.use_cpu = True
         super().__post_init__()
+        self.gradient_checkpointing = checkpointing
+
+    def use_gradient_checkpointing(self, on: bool) -> None:
+        """Resolve --gradient_checkpointing (auto, or forced) to `on`, under both of transformers' names for it."""
+        self.gradient_checkpointing = self.activation_checkpointing = on
+
+
+def gradient_checkpointing_choice(value) -> bool | str:
+    """--gradient_checkpointing as given: True, False, or "auto"."""
+    choice = str(value).strip().lower()
+    if choice in ("auto", "true", "false", "yes", "no", "1", "0"):
+        return {"auto": "auto", "true": True, "yes": True, "1": True}.get(choice, False)
+    raise UserError(f"--gradient_checkpointing must be auto, true or false, got {value!r}")
 

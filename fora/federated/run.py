@@ -17,6 +17,7 @@ from fora.args.parsing import settings_given
 from fora.data.templates import get_template
 from fora.errors import UserError
 from fora.io import refuse_earlier_output
+from fora.memory.decide import RunMemory
 from fora.models.load import load_model, resolve_model_path
 from fora.models.tokenizer import load_tokenizer
 from fora.precision import keep_trainable_in_float32
@@ -89,6 +90,9 @@ FLAG_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, TrainArgument
 
 def parse(argv: list[str] | None) -> FederatedRun:
     model_args, data_args, finetuning_args, training_args, federated_args = parse_args(FLAG_GROUPS, argv)
+    if training_args.gradient_checkpointing == "auto":  # from the flags' lengths: the sites' data is theirs
+        memory = RunMemory(model_args, data_args, finetuning_args, training_args)
+        training_args.use_gradient_checkpointing(memory.gradient_checkpointing(print))
     check_method(finetuning_args, model_args.quantization_bit, training_args.gradient_checkpointing, bool(training_args.deepspeed),
                  federated=True)
     if training_args.lr_scheduler_type == "reduce_lr_on_plateau":

@@ -28,8 +28,10 @@ from fora import metrics
 from fora.args import PredictArguments, parse_args
 from fora.data.formats import load_conversations
 from fora.data.templates import get_template
+from fora.errors import UserError
 from fora.infer import generate
 from fora.io import refuse_earlier_output, write_json, write_text
+from fora.memory.decide import generation_out_of_memory_line
 from fora.models.inference import describe_loaded, load_inference_model
 from fora.run import RunRecord
 
@@ -92,10 +94,17 @@ def main(argv: list[str] | None = None) -> dict:
         sizes.append(new)
 
     started = time.perf_counter()
-    new_ids = generate.generate_ids(
-        model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, sizes[0], config,
-        on_shrink=None if args.batch_size else shrink,
-    )
+    try:
+        new_ids = generate.generate_ids(
+            model, tokenizer, prompts, template.stop_token_ids(tokenizer), budgets, sizes[0], config,
+            on_shrink=None if args.batch_size else shrink,
+        )
+    except (RuntimeError, MemoryError) as error:  # a fixed --batch_size, or batch 1, still out of memory: one line
+        if not generate.out_of_memory(error):
+            raise
+        del error
+        generate.release_device_memory()
+        raise UserError(generation_out_of_memory_line(model, sizes[-1], max(map(len, prompts)), max(budgets))) from None
     runtime = time.perf_counter() - started
     predictions = [generate.decode(tokenizer, ids) for ids in new_ids]
 

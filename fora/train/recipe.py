@@ -1,7 +1,8 @@
 """The training recipe: what train_lora.py and train_qlora.py run, one process or under deepspeed/torchrun.
 
-    parse the flags → where to write and resume from → tokenizer, template, data → model and adapter
-    → train (SupervisedTrainer) → save the adapter, the run record, the results and the loss curve
+    parse the flags → where to write and resume from → tokenizer, template, data → the memory estimate (it decides
+    --gradient_checkpointing auto) → model and adapter → train (SupervisedTrainer; out of memory is one line) → save
+    the adapter, the run record, the results and the loss curve
 """
 
 import math
@@ -19,6 +20,7 @@ from fora.data.dataset import build_dataset
 from fora.data.templates import get_template
 from fora.errors import UserError
 from fora.io import refuse_earlier_output, write_json
+from fora.memory.decide import RunMemory
 from fora.models.load import load_model, resolve_model_path
 from fora.models.tokenizer import load_tokenizer, save_base_tokenizer
 from fora.precision import keep_trainable_in_float32
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     )
     if model_args.quantization_bit is None:
         model_args.quantization_bit = default_quantization_bit
-    check_method(finetuning_args, model_args.quantization_bit, training_args.gradient_checkpointing, bool(training_args.deepspeed))
+    check_method(finetuning_args, model_args.quantization_bit, training_args.gradient_checkpointing is True, bool(training_args.deepspeed))
     training_args.precision.report()
     dtype = training_args.precision.torch_dtype
 
@@ -92,7 +94,12 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
             training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
     log(f"Training records: {len(train_dataset)}" + (f", validation records: {len(eval_dataset)}" if eval_dataset else ""))
 
-    # 3. Model and adapter, seeded so the same flags give the same adapter.
+    # 3. The run's memory estimate: it decides --gradient_checkpointing auto, and words an out-of-memory error.
+    memory = RunMemory(model_args, data_args, finetuning_args, training_args, train_dataset)
+    if training_args.gradient_checkpointing == "auto":
+        training_args.use_gradient_checkpointing(memory.gradient_checkpointing(log))
+
+    # 4. Model and adapter, seeded so the same flags give the same adapter.
     model = load_model(
         model_path, dtype, model_args.trust_remote_code, model_args.quantization_bit,
         unmap_freed_memory=model_args.unmap_freed_memory,
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
     if training_args.deepspeed:
         size_zero_buckets(training_args.hf_deepspeed_config.config, model)
 
-    # 4. Train, into a folder cleared of any previous run only now that data and model have loaded.
+    # 5. Train, into a folder cleared of any previous run only now that data and model have loaded.
     if previous and not resume:
         with training_args.main_process_first(desc="clearing the previous run", local=False):
             if is_main:
@@ -142,9 +149,10 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         loraplus_lr_ratio=finetuning_args.loraplus_lr_ratio,
         initial_adapter=initial_adapter,
     )
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    with memory.out_of_memory_in_one_line("while training"):
+        result = trainer.train(resume_from_checkpoint=resume or None)
 
-    # 5. Save the adapter (or model), what training decided, and the results.
+    # 6. Save the adapter (or model), what training decided, and the results.
     trainer.save_model(str(output_dir))
     if is_main:  # the base's tokenizer files as they are: re-saved, some encode differently (see models/tokenizer.py)
         save_base_tokenizer(model_path, output_dir, model_args.trust_remote_code)

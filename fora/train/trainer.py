@@ -15,7 +15,7 @@ from fora.run import RunRecord
 from fora.train.checkpoints import StagedCheckpoints, last_checkpoint
 from fora.train.loss import SUPERVISED_LOSS_MODELS, DecoderOutput, supervised_loss_sum
 from fora.train.sampler import GlobalBatchSampler, SamplerEpoch
-from fora.tuners.methods import METHODS
+from fora.tuners.methods import METHODS, LossPath
 
 NO_BAD_STEP = torch.iinfo(torch.int64).max
 logger = logging.getLogger(__name__)
@@ -52,12 +52,11 @@ class SupervisedTrainer(StagedCheckpoints):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         model_type = base.config.model_type
         self.native = not base.is_custom_code()  # takes the Trainer's loss arguments (num_items_in_batch)
-        # Remote code may carry a listed model_type, and may read the mask for more than attention.
-        proven = model_type in SUPERVISED_LOSS_MODELS and "logits_to_keep" in inspect.signature(base.forward).parameters
+        proven = proven_supervised_loss(base)
         plain_head = type(base.get_output_embeddings()) is nn.Linear
         requested = getattr(self.args, "supervised_logits", True)
         method_loss = METHODS[self.method].loss
-        self.loss_path = method_loss if method_loss != "supervised" else "supervised" if proven and plain_head and requested else "logits"
+        self.loss_path = choose_loss_path(self.method, proven, plain_head, requested)
         self.head_on_selected = self.loss_path == "supervised"
         self.output_logits = SUPERVISED_LOSS_MODELS[model_type](base.config) if self.head_on_selected else None
         self.decoder_output = DecoderOutput(base.get_decoder()) if self.head_on_selected else None
@@ -215,6 +214,19 @@ class SupervisedTrainer(StagedCheckpoints):
                 f"step or any later one ({f'last checkpoint: {kept}' if kept else 'no checkpoint was saved'}). "
                 "Usual causes: too high a --learning_rate, or fp16 overflow"
             )
+
+
+def proven_supervised_loss(base) -> bool:
+    """The model's supervised-position loss is proven equal to its own (SUPERVISED_LOSS_MODELS) and its forward takes
+    `logits_to_keep`; remote code may carry a listed model_type, and may read the mask for more than attention."""
+    return base.config.model_type in SUPERVISED_LOSS_MODELS and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def choose_loss_path(method: str, proven: bool, plain_head: bool, requested: bool) -> LossPath:
+    """How the loss is computed (see METHODS' `loss`): the supervised-position path where the architecture is proven,
+    its output layer a plain nn.Linear and --supervised_logits asks for it; the method's own path otherwise."""
+    method_loss = METHODS[method].loss
+    return method_loss if method_loss != "supervised" else "supervised" if proven and plain_head and requested else "logits"
 
 
 class AdaLoraBudget(TrainerCallback):

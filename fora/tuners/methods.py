@@ -82,7 +82,12 @@ def method_config(finetuning, model_path: str, trust_remote_code: bool) -> dict:
         return {}
     from fora.models.load import load_config
 
-    if not own_prefix(load_config(model_path, trust_remote_code)):
+    return config_overrides(finetuning, load_config(model_path, trust_remote_code))
+
+
+def config_overrides(finetuning, config) -> dict:
+    """`method_config` for a config already read (the memory estimate's, see fora.memory)."""
+    if finetuning.finetuning_type not in ("prefix", "prompt") or not own_prefix(config):
         return {}
     if finetuning.finetuning_type == "prompt":
         raise UserError("--finetuning_type prompt: this model's code reads input_ids in every forward, where prompt tuning "

@@ -31,3 +31,22 @@ def test_group_by_length_maps_to_the_sampling_strategy(out):
 
 def test_logging_dir_defaults_under_the_output_dir(out):
     assert parse_flags(out)[3].logging_dir == f"{out}/runs"
+
+
+# --- --gradient_checkpointing: auto (the default), or forced ---------------------------------------------
+
+
+@pytest.mark.parametrize("flags, value", [((), "auto"), (("--gradient_checkpointing",), True),
+                                          (("--gradient_checkpointing", "false"), False), (("--gradient_checkpointing", "True"), True),
+                                          (("--gradient_checkpointing", "AUTO"), "auto")])
+def test_gradient_checkpointing_auto_or_forced(out, flags, value):
+    *_, training = parse_flags(out, *flags)
+    assert training.gradient_checkpointing == value
+    assert training.activation_checkpointing is (value is True)  # what transformers 5's Trainer reads
+    training.use_gradient_checkpointing(True)
+    assert training.gradient_checkpointing is True and training.activation_checkpointing is True
+
+
+def test_gradient_checkpointing_rejects_other_values(out):
+    assert flag_error(out, "--gradient_checkpointing", "sometimes") == (
+        "--gradient_checkpointing must be auto, true or false, got 'sometimes'")

@@ -274,3 +274,34 @@ def test_a_late_out_of_memory_redoes_only_the_prompts_left(tiny_model, monkeypat
     with pytest.raises(RuntimeError, match="shape"):  # not an allocation failure: raised as it is
         monkeypatch.setattr(GenerationMixin, "generate", lambda self, **kwargs: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
         generate.generate_ids(model, tokenizer, prompts, [2], 3, 2, progress=False, on_shrink=lambda old, new: None)
+
+
+def test_out_of_memory_at_a_fixed_batch_size_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    """A fixed --batch_size that runs out of memory (injected: CUDA's error) ends predict_fora.py's door with exit code 2
+    and one line: the estimate of generating that batch, the memory there was (FORA_AVAILABLE_MEMORY), a batch that fits."""
+    import re
+    import sys
+
+    import torch
+    from transformers import GenerationMixin
+
+    from fora import cli
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GenerationMixin, "generate", no_memory)
+    monkeypatch.setenv("FORA_AVAILABLE_MEMORY", "4MB")
+    monkeypatch.setattr(sys, "argv", ["predict_fora.py", "--ori_model_dir", str(tiny_model), "--test_path", "data/test.json",
+                                      "--max_samples", "4", "--max_new_tokens", "4", "--batch_size", "4",
+                                      "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stopped:
+        cli.predict()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    error = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(error) == 1
+    assert re.fullmatch(r"error: out of memory while generating at --batch_size 4 \(prompts up to \d+ tokens, 4 new\): the estimate "
+                        r"is [0-9.]+ GiB and FORA_AVAILABLE_MEMORY=4MB was [0-9.]+ GiB; try --batch_size [1-3] \([0-9.]+ GiB\)",
+                        error[0]), error[0]
+    assert not (tmp_path / "out" / "generated_predictions.jsonl").exists()
