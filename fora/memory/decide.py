@@ -82,9 +82,13 @@ def gradient_checkpointing(s: Setting, log) -> bool:
     off otherwise (and for prefix tuning, which cannot checkpoint); said in one line."""
     memory, source = device_memory(s.cuda)
     without = estimate(with_changes(s, checkpointing=False)).total
-    if without <= memory or s.method == "prefix":
+    if without <= memory:
         log(f"Gradient checkpointing: off (auto): the run's estimate, {gib(without)} GiB, fits the {gib(memory)} GiB "
             f"of {source}")
+        return False
+    if s.method == "prefix":
+        log(f"Gradient checkpointing: off (auto): prefix tuning cannot checkpoint, though the run's estimate, "
+            f"{gib(without)} GiB, exceeds the {gib(memory)} GiB of {source}")
         return False
     with_ = estimate(with_changes(s, checkpointing=True)).total
     log(f"Gradient checkpointing: on (auto): the run's estimate without it, {gib(without)} GiB, exceeds the {gib(memory)} "

@@ -53,6 +53,13 @@ def test_auto_checkpointing_follows_the_available_memory(gpu_run, monkeypatch):
                         rf"{AVAILABLE_MEMORY_VARIABLE}=1TB", logged[1])
 
 
+def test_auto_never_checkpoints_prefix_tuning_and_says_why(gpu_run, monkeypatch):
+    logged = []
+    monkeypatch.setenv(AVAILABLE_MEMORY_VARIABLE, "1MB")
+    assert gradient_checkpointing(with_changes(gpu_run, method="prefix"), logged.append) is False
+    assert logged[0].startswith("Gradient checkpointing: off (auto): prefix tuning cannot checkpoint, though the run's estimate")
+
+
 def test_the_out_of_memory_line_names_estimate_memory_and_change(gpu_run, monkeypatch):
     monkeypatch.setenv(AVAILABLE_MEMORY_VARIABLE, str(estimate(with_changes(gpu_run, checkpointing=True)).total))
     line = out_of_memory_line(gpu_run, "while training", quantizable=True)
