@@ -355,3 +355,23 @@ def test_one_federated_round_of_every_averaged_method(name, tiny_model, train_fi
     results = predict(["--model_dir", str(folder), "--test_path", str(train_file), "--output_dir", str(tmp_path / "p"),
                        "--max_new_tokens", "3", "--max_samples", "2"])
     assert results["total"] == 2
+
+
+@pytest.mark.slow
+def test_adalora_trains_under_torchrun(tiny_model, train_file, tmp_path):
+    """AdaLoRA's refusal under DeepSpeed points to torchrun: two processes there allocate its ranks (every
+    process sees the same all-reduced gradients) and save an adapter that predicts."""
+    from fora.infer.predict import main as predict
+    from support import ONE_THREAD, free_port, launcher, run_script
+
+    out = tmp_path / "out"
+    result = run_script(
+        *launcher("torchrun", 2), "--master_port", str(free_port()), "train_lora.py", "--model_name_or_path", str(tiny_model),
+        "--train_file", str(train_file), "--output_dir", str(out), "--per_device_train_batch_size", "1",
+        "--finetuning_type", "adalora", *TRAIN_FLAGS, "--max_steps", "10", "--save_strategy", "no", env=ONE_THREAD, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["rank_pattern"]
+    assert predict(["--model_dir", str(out), "--test_path", str(train_file), "--output_dir", str(tmp_path / "p"),
+                    "--max_new_tokens", "3", "--max_samples", "2"])["total"] == 2
