@@ -41,7 +41,7 @@ def census(architecture: Architecture, config, finetuning, real: bool, trust_rem
         quantizable = quantizable_elements(model)  # before the adapter, whose own linears stay unquantized
         model = attach_adapter(model, method, gradient_checkpointing=False, total_steps=1000)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = output_layer(base)
     params = list(model.named_parameters())
     blocks = transformer_blocks(base)
     trained = [i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
@@ -53,15 +53,26 @@ def census(architecture: Architecture, config, finetuning, real: bool, trust_rem
         quantizable=quantizable,
         adapted=tuple(adapted),
         trained_layers=len(blocks) - trained[0] if trained else 0,
-        output_trains=head.weight.requires_grad,
+        output_trains=head is not None and head.weight.requires_grad,
         proven_loss=proven_supervised_loss(base),
-        plain_head=type(head) is nn.Linear,
+        plain_head=type(base.get_output_embeddings()) is nn.Linear,  # as the trainer asks it
     )
+
+
+def output_layer(model) -> nn.Module | None:
+    """The layer giving the logits. ChatGLM2/3 keep theirs (`output_layer`) out of sight of get_output_embeddings:
+    then the last linear as wide as the config's (padded) vocabulary."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        return head
+    vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size
+    wide = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
+    return wide[-1] if wide else None
 
 
 def quantizable_elements(model) -> int:
     """Elements of the linear weights a 4/8-bit base quantizes: every nn.Linear but the output layer."""
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head and m.weight is not None)
 
 

@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None, default_quantization_bit: int | None = N
         log(f"{'Adapter' if (output_dir / 'adapter_config.json').is_file() else 'Model'} saved to {output_dir}")
         log(f"Padding: {100 * results['pad_fraction']:.1f}% of the training batches' tokens")
         log(f"Loss curve: {output_dir / 'training_loss.png'}; TensorBoard logs: {training_args.logging_dir}")
+    if torch.distributed.is_initialized():
+        # Torn down by the interpreter's exit instead, the group's threads can abort a process that has saved
+        # everything ("terminate called without an active exception"), failing the launcher's run.
+        torch.distributed.destroy_process_group()
 
 
 def clear_previous_run(output_dir: Path, logging_dir: Path) -> int:

@@ -61,3 +61,18 @@ def test_built_in_names_count_their_published_parameters(tmp_path, name, paramet
 
 def test_is_model_folder(tiny_model, tmp_path):
     assert is_model_folder(str(tiny_model)) and not is_model_folder(str(tmp_path)) and not is_model_folder("llama-2-7b")
+
+
+@pytest.mark.usefixtures("keep_environment")
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
+@pytest.mark.parametrize("method, trains_the_head", [("lora", False), ("full", True)])
+def test_a_head_hidden_from_get_output_embeddings_is_found(family, method, trains_the_head, tmp_path):
+    """ChatGLM2/3's published code keeps its output layer out of sight of get_output_embeddings; the census finds it
+    instead of failing, and knows whether it trains."""
+    from fixtures import families
+
+    folder = families.build_family(family, tmp_path / family)
+    _, _, finetuning, _ = parse_flags(str(tmp_path / "out"), "--finetuning_type", method, "--lora_rank", "4")
+    config = folder_config(str(folder), True, {})
+    counted = census(Architecture.of(config), config, finetuning, real=True, trust_remote_code=True)
+    assert counted.output_trains is trains_the_head and not counted.plain_head  # plain_head: as the trainer asks
