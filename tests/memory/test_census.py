@@ -73,6 +73,6 @@ def test_a_head_hidden_from_get_output_embeddings_is_found(family, method, train
 
     folder = families.build_family(family, tmp_path / family)
     _, _, finetuning, _ = parse_flags(str(tmp_path / "out"), "--finetuning_type", method, "--lora_rank", "4")
-    config = folder_config(str(folder), True, {})
-    counted = census(Architecture.of(config), config, finetuning, real=True, trust_remote_code=True)
+    config = folder_config(str(folder), families.OWN_CODE, {})
+    counted = census(Architecture.of(config), config, finetuning, real=True, trust_remote_code=families.OWN_CODE)
     assert counted.output_trains is trains_the_head and not counted.plain_head  # plain_head: as the trainer asks
