@@ -166,5 +166,8 @@ class Skeleton(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.head
 
-    def forward(self, input_ids=None, logits_to_keep=0, **kwargs):  # the signature transformers' own models have
-        raise NotImplementedError("a skeleton only holds parameters")
+    def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+        """The signature transformers' own models have (the loss path reads it); the blocks are left out: a skeleton
+        is counted, never run for its values."""
+        hidden = self.embed(input_ids)
+        return self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
