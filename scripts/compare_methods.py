@@ -10,13 +10,15 @@ split and scores them (ROUGE-L, BLEU-4, triple F1); the eval loss is the mean cr
 answers' tokens, computed here from each method's full logits, one way for every method. Methods that merge
 are merged with merge_lora.py and the merged model's logits compared with the unmerged adapter's (the largest
 difference relative to the largest logit). FoRA and LoRA are also compared at an equal number of trainable
-parameters. Each method trains at its own learning rate (LEARNING_RATES: the rate its paper or PEFT's
-examples use at this scale); everything else is equal. Prints one Markdown table; --json writes the rows.
+parameters. The first row is the base model, untrained, scored the same way. Each method trains at its own
+learning rate (LEARNING_RATES: the rate its paper or PEFT's examples use at this scale); everything else is
+equal. Prints one Markdown table; --json writes the rows. Adapters and predictions stay in a temporary folder.
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,11 +41,16 @@ RUNS = {  # row name: flags; LoRA's variants are LoRA with one flag
     "ia3": ["--finetuning_type", "ia3"],
     "adalora r8 -> 4": ["--finetuning_type", "adalora"],
     "oft (blocks of 32)": ["--finetuning_type", "oft"],
-    "prefix (P-tuning v2, 16 tokens)": ["--finetuning_type", "prefix"],
+    "prefix (P-tuning v2; 16 tokens)": ["--finetuning_type", "prefix"],
     "prompt (16 tokens)": ["--finetuning_type", "prompt"],
     "freeze (last 2 layers)": ["--finetuning_type", "freeze"],
     "full": ["--finetuning_type", "full"],
 }
+
+
+def cell(value, spec: str) -> str:
+    """A table cell: the value in `spec`, or - where a row has none (the base trains nothing; some methods don't merge)."""
+    return "-" if value is None else format(value, spec)
 
 
 def method_of(flags: list[str]) -> str:
@@ -61,8 +68,9 @@ def run(args: list[str]) -> tuple[float, int]:
     return time.perf_counter() - started, usage.ru_maxrss * 1024
 
 
-def eval_loss(folder: Path, test_file: str) -> float:
-    """Mean cross-entropy over the answer tokens of `test_file`, from the full logits of what `folder` holds."""
+def eval_loss(folder: Path | None, test_file: str) -> float:
+    """Mean cross-entropy over the answer tokens of `test_file`, from the full logits of what `folder` holds
+    (None: the base model)."""
     import torch
     import torch.nn.functional as F
 
@@ -71,7 +79,7 @@ def eval_loss(folder: Path, test_file: str) -> float:
     from fora.data.templates import get_template
     from fora.models.inference import load_inference_model
 
-    model, tokenizer, info = load_inference_model(str(folder), torch_dtype="float32", merge=False)
+    model, tokenizer, info = load_inference_model(folder and str(folder), torch_dtype="float32", merge=False)
     template = get_template(tokenizer, info.get("template"))
     conversations, _ = load_conversations(test_file)
     total, count = 0.0, 0
@@ -108,6 +116,15 @@ def merge_error(adapter: Path, merged: Path, test_file: str) -> float:
     return worst
 
 
+def score(folder: Path | None, test_file: str, predict_dir: Path) -> dict:
+    """Eval loss, and ROUGE-L, BLEU-4 and triple F1 of greedy answers, for what `folder` holds (None: the base)."""
+    model = ["--model_dir", str(folder)] if folder else []
+    run([sys.executable, "predict_fora.py", *model, "--test_path", test_file, "--output_dir", str(predict_dir),
+         "--max_new_tokens", "128", "--torch_dtype", "float32"])
+    scores = json.loads((predict_dir / "predict_results.json").read_text())
+    return {"eval_loss": eval_loss(folder, test_file), **{k: scores.get(k) for k in ("rouge-l", "bleu-4", "triple_f1")}}
+
+
 def trainable_parameters(flags: list[str], rank: int) -> int:
     """What a method trains at `rank` on the embedded model (attached, not trained)."""
     import torch
@@ -120,12 +137,20 @@ def trainable_parameters(flags: list[str], rank: int) -> int:
     return count_parameters(attach_adapter(model, FinetuningArguments(finetuning_type=method_of(flags), lora_rank=rank)))[0]
 
 
+def first_records(path: str, count: int, subset: Path) -> str:
+    """The first `count` lines of a JSON Lines file, written to `subset`; returns its path."""
+    subset.write_text("".join(Path(path).read_text(encoding="utf-8").splitlines(True)[:count]), encoding="utf-8")
+    return str(subset)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["demo", "authors"], default="demo")
-    parser.add_argument("--methods", help="comma-separated row names or methods (default: every row)")
+    parser.add_argument("--methods", help="comma-separated row names, methods or base (the base model untrained; "
+                        "default: every row)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--records", type=int, default=None, help="use the first N training records (default: all)")
+    parser.add_argument("--test_records", type=int, default=None, help="score on the first N test records (default: all)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if args.data == "authors":
@@ -135,23 +160,30 @@ def main() -> None:
     else:
         train_file, test_file = str(REPO / "data" / "train.json"), str(REPO / "data" / "test.json")
     work = Path(tempfile.mkdtemp(prefix="fora-methods-"))
+    print(f"adapters and predictions: {work}", flush=True)
     if args.records:
-        subset = work / "train.jsonl"
-        subset.write_text("".join(Path(train_file).read_text(encoding="utf-8").splitlines(True)[: args.records]), encoding="utf-8")
-        train_file = str(subset)
+        train_file = first_records(train_file, args.records, work / "train.jsonl")
+    if args.test_records:
+        test_file = first_records(test_file, args.test_records, work / "test.jsonl")
     runs = dict(RUNS)
     lora_params = trainable_parameters(RUNS["lora r8"], 8)
     fora_rank = min(range(1, 17), key=lambda r: abs(trainable_parameters(RUNS["fora r8"], r) - lora_params))
     runs[f"fora r{fora_rank} (lora r8's parameters)"] = [*RUNS["fora r8"], "--lora_rank", str(fora_rank)]
-    if args.methods:
-        wanted = set(args.methods.split(","))
+    wanted = set(args.methods.split(",")) if args.methods else None
+    if wanted:
         runs = {name: flags for name, flags in runs.items() if name in wanted or method_of(flags) in wanted}
 
     rows = []
+    if wanted is None or "base" in wanted:  # where every method starts from
+        print("== base", flush=True)
+        rows.append({"method": "base model (not trained)", "learning_rate": None, "trainable_parameters": 0,
+                     "samples_per_second": None, "peak_memory_bytes": None,
+                     **score(None, test_file, work / "base"), "merge_error": None})
+        print(json.dumps(rows[-1]), flush=True)
     python = sys.executable
     for name, flags in runs.items():
         method = method_of(flags)
-        folder = work / name.replace(" ", "_").replace("/", "_")
+        folder = work / re.sub(r"[^A-Za-z0-9.+-]+", "_", name)  # no comma: predict_fora.py reads one as a list
         common = ["--train_file", train_file, "--output_dir", str(folder / "adapter"), "--max_steps", str(args.steps),
                   "--per_device_train_batch_size", "4", "--seed", "42", "--learning_rate", str(LEARNING_RATES[method]),
                   "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--logging_steps", "10", "--save_strategy", "no",
@@ -160,9 +192,7 @@ def main() -> None:
         print(f"== {name}", flush=True)
         _, peak = run([python, "train_lora.py", *common, *flags])
         results = json.loads((folder / "adapter" / "train_results.json").read_text())
-        run([python, "predict_fora.py", "--model_dir", str(folder / "adapter"), "--test_path", test_file,
-             "--output_dir", str(folder / "predict"), "--max_new_tokens", "128", "--torch_dtype", "float32"])
-        scores = json.loads((folder / "predict" / "predict_results.json").read_text())
+        scores = score(folder / "adapter", test_file, folder / "predict")
         error = None
         if (folder / "adapter" / "adapter_config.json").is_file() and method not in ("prefix", "prompt"):
             run([python, "merge_lora.py", "--adapter", str(folder / "adapter"), "--output_dir", str(folder / "merged"),
@@ -171,18 +201,17 @@ def main() -> None:
         rows.append({
             "method": name, "learning_rate": LEARNING_RATES[method], "trainable_parameters": results["trainable_parameters"],
             "samples_per_second": results["train_samples_per_second"], "peak_memory_bytes": peak,
-            "eval_loss": eval_loss(folder / "adapter", test_file), "rouge-l": scores.get("rouge-l"),
-            "bleu-4": scores.get("bleu-4"), "triple_f1": scores.get("triple_f1"), "merge_error": error,
+            **scores, "merge_error": error,
         })
         print(json.dumps(rows[-1]), flush=True)
 
     header = ["method", "lr", "trainable", "samples/s", "peak GB", "eval loss", "ROUGE-L", "BLEU-4", "triple F1", "merge error"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
-        cells = [row["method"], f"{row['learning_rate']:g}", f"{row['trainable_parameters']:,}", f"{row['samples_per_second']:.2f}",
-                 f"{row['peak_memory_bytes'] / 2**30:.2f}", f"{row['eval_loss']:.4f}",
-                 *(f"{row[k]:.2f}" if row[k] is not None else "-" for k in ("rouge-l", "bleu-4", "triple_f1")),
-                 f"{row['merge_error']:.1e}" if row["merge_error"] is not None else "no merge"]
+        peak = row["peak_memory_bytes"] and row["peak_memory_bytes"] / 2**30
+        cells = [row["method"], cell(row["learning_rate"], "g"), cell(row["trainable_parameters"], ","),
+                 cell(row["samples_per_second"], ".2f"), cell(peak, ".2f"), cell(row["eval_loss"], ".4f"),
+                 *(cell(row[k], ".2f") for k in ("rouge-l", "bleu-4", "triple_f1")), cell(row["merge_error"], ".1e")]
         print("| " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": args.steps, "data": args.data, "rows": rows}, indent=1) + "\n")

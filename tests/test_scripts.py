@@ -1,9 +1,14 @@
-"""scripts/*.sh: the set-up and the GPU check stop in one line where CUDA is expected and missing."""
+"""scripts/: the set-up and the GPU check stop in one line where CUDA is expected and missing; the methods'
+comparison prints its table."""
 
+import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from support import REPO, run_script
 
@@ -50,3 +55,34 @@ def test_setup_on_a_gpu_server_without_torch_asks_for_the_cuda_build_first(tmp_p
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: this is a GPU server and {clone / '.venv'} has no torch: install the CUDA build")
     assert not (clone / ".venv" / ".fora-requirements.sha256").exists()  # nothing was installed
+
+
+@pytest.mark.slow
+def test_compare_methods_scores_the_base_and_each_method_it_is_given(tmp_path):
+    """A short run of the table's script: the base row, a method that merges, one that does not."""
+    from transformers import AutoConfig
+
+    from fora.models.load import ensure_default_model
+
+    rows_file = tmp_path / "rows.json"
+    result = run_script(sys.executable, "scripts/compare_methods.py", "--methods", "base,lora r8,prefix", "--steps", "2",
+                        "--records", "8", "--test_records", "2", "--json", str(rows_file),
+                        env={"TMPDIR": str(tmp_path)}, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads(rows_file.read_text())["rows"]}
+    assert list(rows) == ["base model (not trained)", "lora r8", "prefix (P-tuning v2; 16 tokens)"]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows)  # the header, a line per row
+
+    config = AutoConfig.from_pretrained(ensure_default_model())
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    per_layer = 8 * ((hidden + hidden) * 2 + (hidden + kv) * 2 + (hidden + inner) * 3)  # r (in + out): q, o; k, v; mlp
+    assert rows["lora r8"]["trainable_parameters"] == config.num_hidden_layers * per_layer
+    prefix = rows["prefix (P-tuning v2; 16 tokens)"]
+    assert prefix["trainable_parameters"] == 16 * config.num_hidden_layers * 2 * kv  # a key and a value per layer
+    assert rows["base model (not trained)"]["trainable_parameters"] == 0
+    assert rows["lora r8"]["merge_error"] < 1e-4
+    assert prefix["merge_error"] is None and rows["base model (not trained)"]["merge_error"] is None
+    for row in rows.values():
+        assert math.isfinite(row["eval_loss"]) and 0 <= row["rouge-l"] <= 100
