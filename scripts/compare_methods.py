@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,15 +56,15 @@ def method_of(flags: list[str]) -> str:
     return flags[flags.index("--finetuning_type") + 1]
 
 
-def run(args: list[str]) -> tuple[float, int]:
-    """Run a command line to its end; returns its wall time and its peak resident memory in bytes."""
-    started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run(script: str, *flags: str) -> int:
+    """Run one of the root scripts to its end; returns its peak resident memory in bytes."""
+    process = subprocess.Popen([sys.executable, script, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"error: {' '.join(args[:4])} ... failed:\n{output[-3000:]}")
-    return time.perf_counter() - started, usage.ru_maxrss * 1024
+        sys.exit(f"error: {script} {' '.join(flags[:3])} ... failed:\n{output[-3000:]}")
+    return usage.ru_maxrss * 1024
 
 
 def eval_loss(folder: Path | None, test_file: str) -> float:
@@ -119,8 +118,8 @@ def merge_error(adapter: Path, merged: Path, test_file: str) -> float:
 def score(folder: Path | None, test_file: str, predict_dir: Path) -> dict:
     """Eval loss, and ROUGE-L, BLEU-4 and triple F1 of greedy answers, for what `folder` holds (None: the base)."""
     model = ["--model_dir", str(folder)] if folder else []
-    run([sys.executable, "predict_fora.py", *model, "--test_path", test_file, "--output_dir", str(predict_dir),
-         "--max_new_tokens", "128", "--torch_dtype", "float32"])
+    run("predict_fora.py", *model, "--test_path", test_file, "--output_dir", str(predict_dir), "--max_new_tokens", "128",
+        "--torch_dtype", "float32")
     scores = json.loads((predict_dir / "predict_results.json").read_text())
     return {"eval_loss": eval_loss(folder, test_file), **{k: scores.get(k) for k in ("rouge-l", "bleu-4", "triple_f1")}}
 
@@ -153,6 +152,9 @@ def main() -> None:
     parser.add_argument("--test_records", type=int, default=None, help="score on the first N test records (default: all)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
+    for flag in ("steps", "records", "test_records"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}")
     if args.data == "authors":
         if not (SHARED_DATA / "spo_0.json").is_file():
             sys.exit(f"error: {SHARED_DATA} has no spo_0.json (the FoRA authors' data)")
@@ -171,6 +173,9 @@ def main() -> None:
     runs[f"fora r{fora_rank} (lora r8's parameters)"] = [*RUNS["fora r8"], "--lora_rank", str(fora_rank)]
     wanted = set(args.methods.split(",")) if args.methods else None
     if wanted:
+        unknown = wanted - {"base", *runs, *map(method_of, runs.values())}
+        if unknown:
+            sys.exit(f"error: --methods: no row or method named {', '.join(sorted(unknown))} (rows: base, {', '.join(runs)})")
         runs = {name: flags for name, flags in runs.items() if name in wanted or method_of(flags) in wanted}
 
     rows = []
@@ -180,7 +185,6 @@ def main() -> None:
                      "samples_per_second": None, "peak_memory_bytes": None,
                      **score(None, test_file, work / "base"), "merge_error": None})
         print(json.dumps(rows[-1]), flush=True)
-    python = sys.executable
     for name, flags in runs.items():
         method = method_of(flags)
         folder = work / re.sub(r"[^A-Za-z0-9.+-]+", "_", name)  # no comma: predict_fora.py reads one as a list
@@ -190,13 +194,13 @@ def main() -> None:
                   "--report_to", "none", "--torch_dtype", "float32", "--lora_rank", "8", "--max_source_length", "512",
                   "--max_target_length", "256"]
         print(f"== {name}", flush=True)
-        _, peak = run([python, "train_lora.py", *common, *flags])
+        peak = run("train_lora.py", *common, *flags)
         results = json.loads((folder / "adapter" / "train_results.json").read_text())
         scores = score(folder / "adapter", test_file, folder / "predict")
         error = None
         if (folder / "adapter" / "adapter_config.json").is_file() and method not in ("prefix", "prompt"):
-            run([python, "merge_lora.py", "--adapter", str(folder / "adapter"), "--output_dir", str(folder / "merged"),
-                 "--dtype", "float32"])
+            run("merge_lora.py", "--adapter", str(folder / "adapter"), "--output_dir", str(folder / "merged"),
+                "--dtype", "float32")
             error = merge_error(folder / "adapter", folder / "merged", test_file)
         rows.append({
             "method": name, "learning_rate": LEARNING_RATES[method], "trainable_parameters": results["trainable_parameters"],

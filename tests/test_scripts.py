@@ -86,3 +86,9 @@ def test_compare_methods_scores_the_base_and_each_method_it_is_given(tmp_path):
     assert prefix["merge_error"] is None and rows["base model (not trained)"]["merge_error"] is None
     for row in rows.values():
         assert math.isfinite(row["eval_loss"]) and 0 <= row["rouge-l"] <= 100
+
+
+def test_compare_methods_refuses_a_count_below_one_in_one_line():
+    result = run_script(sys.executable, "scripts/compare_methods.py", "--test_records", "0", timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: --test_records must be at least 1, got 0"]
